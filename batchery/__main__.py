@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from batchery.cli import main
+
+main()

@@ -1,0 +1,116 @@
+"""`openai`: forward each line to any OpenAI-compatible server over httpx.
+
+Failures that may pass (429, 5xx, timeouts, dropped connections) come back as retriable
+replies carrying the upstream's `Retry-After`; the worker's retry policy decides when to
+try again. Everything else is kept as the upstream said it: status code and body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import orjson
+
+from batchery.backend import ModelBackend, Reply, Request, error_reply
+from batchery.exceptions import ConfigError
+
+_RETRIABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+class OpenAIBackend(ModelBackend):
+    endpoints = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+
+    def __init__(self, *, base_url: str, api_key_env: str | None = None,
+                 api_key: str | None = None, model: str | None = None,
+                 max_concurrency: int = 64, timeout_s: float = 120.0,
+                 headers: dict[str, str] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if api_key_env and api_key_env not in os.environ:
+            raise ConfigError(f"environment variable {api_key_env} (api_key_env) is not set")
+        key = os.environ[api_key_env] if api_key_env else api_key
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.timeout_s = timeout_s
+        self._headers = {**(headers or {}), **({"Authorization": f"Bearer {key}"} if key else {})}
+        self._limit = asyncio.Semaphore(max(1, max_concurrency))
+        self._max_concurrency = max_concurrency
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        limits = httpx.Limits(max_connections=self._max_concurrency,
+                              max_keepalive_connections=self._max_concurrency)
+        self._client = httpx.AsyncClient(headers=self._headers, limits=limits,
+                                         timeout=httpx.Timeout(self.timeout_s, connect=10.0),
+                                         transport=self._transport)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _url(self, endpoint: str) -> str:
+        path = endpoint.removeprefix("/v1") if self.base_url.endswith("/v1") else endpoint
+        return self.base_url + path
+
+    async def infer(self, endpoint: str, requests: Sequence[Request]) -> list[Reply]:
+        if self._client is None:
+            await self.start()
+        url = self._url(endpoint)
+        return list(await asyncio.gather(*(self._one(url, r.body) for r in requests)))
+
+    async def _one(self, url: str, body: dict[str, Any]) -> Reply:
+        assert self._client is not None
+        if self.model:
+            body = {**body, "model": self.model}
+        async with self._limit:
+            try:
+                response = await self._client.post(
+                    url, content=orjson.dumps(body),
+                    headers={"Content-Type": "application/json"})
+            except httpx.TimeoutException:
+                return error_reply(504, f"The upstream did not answer within "
+                                        f"{self.timeout_s:g}s.", type_="timeout",
+                                   code="upstream_timeout", retriable=True)
+            except httpx.TransportError as exc:
+                return error_reply(502, f"Could not reach the upstream: "
+                                        f"{type(exc).__name__}: {exc}", type_="server_error",
+                                   code="upstream_unreachable", retriable=True)
+        return _reply(response)
+
+
+def _reply(response: httpx.Response) -> Reply:
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        text = response.text[:1000]
+        body = {"error": {"message": f"The upstream answered {response.status_code} with a "
+                                     f"body that is not a JSON object: {text!r}",
+                          "type": "server_error", "param": None, "code": "invalid_upstream_body"}}
+    retriable = response.status_code in _RETRIABLE_STATUS
+    return Reply(status_code=response.status_code, body=body, retriable=retriable,
+                 retry_after=_retry_after(response.headers) if retriable else None)
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None

@@ -1,0 +1,96 @@
+"""Batches: the domain value, its statuses and the transitions between them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+#: The endpoints a batch line may target.
+SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+#: `completion_window` values and their length in seconds. `24h` is OpenAI's only value;
+#: the others are our extension.
+COMPLETION_WINDOWS = {"1h": 3600, "2h": 7200, "6h": 6 * 3600, "12h": 12 * 3600,
+                      "24h": 86400, "48h": 2 * 86400, "72h": 3 * 86400, "7d": 7 * 86400}
+#: How many line errors a failed validation reports at most.
+MAX_REPORTED_ERRORS = 100
+
+
+class BatchStatus(str, enum.Enum):
+    VALIDATING = "validating"  #: the input file is being checked
+    FAILED = "failed"  #: the input was invalid, or the batch could not run
+    IN_PROGRESS = "in_progress"  #: chunks are being run by workers
+    FINALIZING = "finalizing"  #: output and error files are being assembled
+    COMPLETED = "completed"  #: results are ready (lines may still have failed)
+    EXPIRED = "expired"  #: the completion window ran out; partial results are ready
+    CANCELLING = "cancelling"  #: a cancel was asked for; partial results are being assembled
+    CANCELLED = "cancelled"  #: cancelled; partial results are ready
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED,
+                      BatchStatus.CANCELLED})
+#: Statuses a cancel moves to `cancelling`.
+CANCELLABLE = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING})
+#: Statuses in which a worker has batch-level work to do (validate, or assemble results).
+PHASE_STATUSES = frozenset({BatchStatus.VALIDATING, BatchStatus.FINALIZING,
+                            BatchStatus.CANCELLING})
+
+
+class EndReason(str, enum.Enum):
+    """Why a batch is finalizing: this picks its terminal status."""
+
+    DONE = "done"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def final_status(self) -> BatchStatus:
+        return {EndReason.DONE: BatchStatus.COMPLETED, EndReason.CANCELLED: BatchStatus.CANCELLED,
+                EndReason.EXPIRED: BatchStatus.EXPIRED}[self]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BatchError:
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Batch:
+    id: str
+    project: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    created_at: int
+    expires_at: int
+    model: str | None = None
+    errors: list[BatchError] | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    metadata: dict[str, str] | None = None
+    end_reason: EndReason | None = None
+    #: The blob the batch reads, fixed at validation so that deleting the file is safe.
+    input_key: str | None = None

@@ -1,0 +1,60 @@
+"""Deployments: named models that batch lines select with `body.model`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batchery.exceptions import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Deployment:
+    name: str
+    backend: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+#: What `batchery serve` offers with no config file.
+DEFAULT_DEPLOYMENTS = (Deployment(name="echo", backend="echo"),)
+
+
+def parse(data: Any, source: str = "config") -> list[Deployment]:
+    """Read the `deployments:` list of a config document, with errors that say where."""
+    if not isinstance(data, dict) or not isinstance(data.get("deployments"), list):
+        raise ConfigError(f"{source}: expected a mapping with a 'deployments' list")
+    result: list[Deployment] = []
+    for i, item in enumerate(data["deployments"]):
+        where = f"{source}: deployments[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        name, backend = item.get("name"), item.get("backend")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(f"{where}.name: expected a name of letters, digits and ._:/-")
+        if not isinstance(backend, str):
+            raise ConfigError(f"{where}.backend: expected a backend name such as 'echo'")
+        options = item.get("options") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}.options: expected a mapping")
+        if any(d.name == name for d in result):
+            raise ConfigError(f"{where}.name: '{name}' is declared twice")
+        result.append(Deployment(name=name, backend=backend, options=options))
+    return result
+
+
+def load(path: str | Path) -> list[Deployment]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse(data, str(path))

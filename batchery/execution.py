@@ -1,0 +1,108 @@
+"""Running the lines of one chunk: route each to its deployment, retry what may pass,
+and render the output and error lines in the hosted API's format."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from batchery import ids
+from batchery.backend import ModelBackend, Reply, Request, error_reply
+from batchery.retry import RetryPolicy
+
+#: Finds the started backend of a deployment, or None when no deployment has that name.
+BackendLookup = Callable[[str], Awaitable[ModelBackend | None]]
+
+
+@dataclass(kw_only=True)
+class ChunkOutput:
+    out: bytearray = field(default_factory=bytearray)
+    err: bytearray = field(default_factory=bytearray)
+    n_ok: int = 0
+    n_err: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, custom_id: str, reply: Reply) -> None:
+        line = response_line(custom_id, reply)
+        if reply.ok:
+            self.out += line
+            self.n_ok += 1
+            usage = reply.body.get("usage")
+            if isinstance(usage, dict):
+                self.input_tokens += _int(usage.get("prompt_tokens"))
+                self.output_tokens += _int(usage.get("completion_tokens"))
+        else:
+            self.err += line
+            self.n_err += 1
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def response_line(custom_id: str, reply: Reply) -> bytes:
+    return orjson.dumps({
+        "id": ids.request_line_id(), "custom_id": custom_id,
+        "response": {"status_code": reply.status_code, "request_id": ids.request_id(),
+                     "body": reply.body},
+        "error": None,
+    }) + b"\n"
+
+
+def error_line(custom_id: str, code: str, message: str) -> bytes:
+    """A line for a request that never got an HTTP answer (cancelled, expired, failed)."""
+    return orjson.dumps({"id": ids.request_line_id(), "custom_id": custom_id,
+                         "response": None, "error": {"code": code, "message": message}}) + b"\n"
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    return [line for line in data.split(b"\n") if line.strip()]
+
+
+async def run_chunk(lines: Sequence[bytes], endpoint: str, lookup: BackendLookup,
+                    policy: RetryPolicy) -> ChunkOutput:
+    groups: dict[str, list[Request]] = {}
+    for raw in lines:
+        obj = orjson.loads(raw)
+        body = obj["body"]
+        groups.setdefault(body["model"], []).append(Request(custom_id=obj["custom_id"],
+                                                            body=body))
+    results = await asyncio.gather(*(_run_group(model, requests, endpoint, lookup, policy)
+                                     for model, requests in groups.items()))
+    output = ChunkOutput()
+    for requests, replies in zip(groups.values(), results, strict=True):
+        for request, reply in zip(requests, replies, strict=True):
+            output.add(request.custom_id, reply)
+    return output
+
+
+async def _run_group(model: str, requests: list[Request], endpoint: str,
+                     lookup: BackendLookup, policy: RetryPolicy) -> list[Reply]:
+    backend = await lookup(model)
+    if backend is None:
+        reply = error_reply(404, f"The model '{model}' does not exist.", param="model",
+                            code="model_not_found")
+        return [reply] * len(requests)
+    return await call_with_retry(backend, endpoint, requests, policy)
+
+
+async def call_with_retry(backend: ModelBackend, endpoint: str, requests: Sequence[Request],
+                          policy: RetryPolicy) -> list[Reply]:
+    """Call the backend, then call it again for the retriable failures, within the budget."""
+    replies: list[Reply] = await backend.infer(endpoint, requests)
+    pending = [i for i, r in enumerate(replies) if r.retriable]
+    attempt = 1
+    while pending and policy.should_retry(attempt):
+        hints = [replies[i].retry_after for i in pending if replies[i].retry_after is not None]
+        await asyncio.sleep(policy.delay(attempt, max(hints) if hints else None))
+        attempt += 1
+        again = await backend.infer(endpoint, [requests[i] for i in pending])
+        for i, reply in zip(pending, again, strict=True):
+            replies[i] = reply
+        pending = [i for i in pending if replies[i].retriable]
+    return replies

@@ -1,0 +1,173 @@
+"""Batch-level work a worker does under a phase lease: validate the input, and assemble the
+output and error files once the chunks have ended."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO
+
+import orjson
+
+from batchery import ids, validation
+from batchery.batches import Batch, BatchError, BatchStatus, EndReason
+from batchery.chunks import Chunk, ChunkState
+from batchery.execution import error_line, split_lines
+from batchery.filestore import FileStore
+from batchery.files import FileRecord, Purpose
+from batchery.store import PhaseLease, Store
+
+_COPY_BUFFER = 1 << 20
+
+
+class LeaseLost(Exception):
+    """The phase lease was lost (or the batch changed status) while working."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    chunk_size: int
+    max_tasks: int
+
+
+def _checked(lines: Iterator[tuple[int, bytes]], lost: Callable[[], bool],
+             every: int = 20_000) -> Iterator[tuple[int, bytes]]:
+    for n, item in enumerate(lines):
+        if n % every == 0 and lost():
+            raise LeaseLost
+        yield item
+
+
+@contextlib.contextmanager
+def _reading(files: FileStore, key: str) -> Iterator[IO[bytes]]:
+    with files.open_read(key) as stream:
+        yield stream
+
+
+def validate(store: Store, files: FileStore, lease: PhaseLease, limits: Limits,
+             lost: Callable[[], bool]) -> None:
+    batch = lease.batch
+    record = store.get_file(batch.project, batch.input_file_id)
+    now = int(time.time())
+    if record is None:
+        store.fail_batch(lease, [BatchError(
+            code="invalid_request", param="file_id",
+            message=f"Cannot find file {batch.input_file_id}, or project '{batch.project}' "
+                    f"does not have access to it.")], now)
+        return
+    known = {d.name for d in store.list_deployments()}
+
+    def reread() -> Iterator[tuple[int, bytes]]:
+        with _reading(files, record.storage_key) as again:
+            yield from validation.iter_lines(again)
+
+    with _reading(files, record.storage_key) as stream:
+        report = validation.validate(
+            _checked(validation.iter_lines(stream), lost), endpoint=batch.endpoint,
+            model_known=known.__contains__, max_tasks=limits.max_tasks,
+            chunk_size=limits.chunk_size, reread=reread)
+    now = int(time.time())
+    if not report.ok:
+        store.fail_batch(lease, report.errors, now)
+        return
+    model = next(iter(report.models)) if len(report.models) == 1 else None
+    store.start_batch(lease, total=report.total, model=model, input_key=record.storage_key,
+                      chunks=report.chunks, now=now)
+
+
+_UNRUN = {
+    EndReason.CANCELLED: ("batch_cancelled", "This request was not executed because the "
+                                             "batch was cancelled."),
+    EndReason.EXPIRED: ("batch_expired", "This request could not be executed before the "
+                                         "completion window expired."),
+}
+
+
+def finalize(store: Store, files: FileStore, lease: PhaseLease,
+             lost: Callable[[], bool]) -> None:
+    batch = lease.batch
+    reason = batch.end_reason or EndReason.DONE
+    if batch.status is BatchStatus.CANCELLING or reason is not EndReason.DONE:
+        store.abort_open_chunks(batch.id)
+    chunks = store.list_chunks(batch.id)
+    now = int(time.time())
+    output = _assemble(files, batch, "output", now,
+                       lambda out: _copy_parts(files, chunks, "out_key", out))
+    if lost():
+        raise LeaseLost
+    errors = _assemble(files, batch, "error", now,
+                       lambda out: _write_errors(files, batch, chunks, reason, out))
+    unrun = sum(c.spec.n_lines for c in chunks if c.state is not ChunkState.DONE)
+    completed = sum(c.n_ok for c in chunks)
+    failed = sum(c.n_err for c in chunks) + unrun
+    made = [r for r in (output, errors) if r is not None]
+    done = store.finish_batch(lease, outputs=made,
+                              output_file_id=output.id if output else None,
+                              error_file_id=errors.id if errors else None,
+                              completed=completed, failed=failed, now=int(time.time()))
+    if not done:
+        for record in made:
+            files.delete(record.storage_key)
+        raise LeaseLost
+    files.delete_prefix(parts_prefix(batch.id))
+    _drop_orphaned_input(store, files, batch)
+
+
+def parts_prefix(batch_id: str) -> str:
+    return f"parts/{batch_id}"
+
+
+def _assemble(files: FileStore, batch: Batch, kind: str, now: int,
+              write: Callable[[IO[bytes]], None]) -> FileRecord | None:
+    """Write a result file; returns its record, or None (and no blob) when it is empty."""
+    file_id = ids.file_id()
+    key = f"files/{file_id}"
+    with files.open_write(key) as out:
+        write(out)
+    size = files.size(key)
+    if size == 0:
+        files.delete(key)
+        return None
+    return FileRecord(id=file_id, project=batch.project, filename=f"batch_{batch.id}_{kind}.jsonl",
+                      purpose=Purpose.BATCH_OUTPUT.value, bytes=size, created_at=now,
+                      expires_at=None, storage_key=key)
+
+
+def _copy_parts(files: FileStore, chunks: list[Chunk], attr: str, out: IO[bytes]) -> None:
+    for chunk in chunks:
+        key = getattr(chunk, attr)
+        if chunk.state is ChunkState.DONE and key:
+            with files.open_read(key) as part:
+                shutil.copyfileobj(part, out, _COPY_BUFFER)
+
+
+def _write_errors(files: FileStore, batch: Batch, chunks: list[Chunk], reason: EndReason,
+                  out: IO[bytes]) -> None:
+    _copy_parts(files, chunks, "err_key", out)
+    for chunk in chunks:
+        if chunk.state is ChunkState.DONE:
+            continue
+        if chunk.state is ChunkState.FAILED:
+            code, message = "server_error", ("This request could not be executed: "
+                                             f"{_last_line(chunk.last_error)}")
+        else:
+            code, message = _UNRUN.get(reason, _UNRUN[EndReason.CANCELLED])
+        data = files.read_range(batch.input_key or "", chunk.spec.start_offset,
+                                chunk.spec.end_offset)
+        for raw in split_lines(data):
+            out.write(error_line(orjson.loads(raw)["custom_id"], code, message))
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line for line in (text or "unknown error").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def _drop_orphaned_input(store: Store, files: FileStore, batch: Batch) -> None:
+    """A batch's input file deleted while it ran keeps its blob until the batch ends."""
+    key = batch.input_key
+    if key and store.get_file(None, batch.input_file_id) is None and not store.blob_in_use(key):
+        files.delete(key)

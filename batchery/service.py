@@ -1,0 +1,168 @@
+"""`BatchService`: the operations behind the HTTP API and the CLI, free of any framework."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+from batchery import ids
+from batchery.batches import COMPLETION_WINDOWS, SUPPORTED_ENDPOINTS, Batch, BatchStatus
+from batchery.deployments import Deployment
+from batchery.exceptions import InvalidRequest, NotFound
+from batchery.filestore import FileStore
+from batchery.files import (
+    BATCH_FILE_TTL_S,
+    MAX_EXPIRES_AFTER_S,
+    MIN_EXPIRES_AFTER_S,
+    UPLOAD_PURPOSES,
+    FileRecord,
+)
+from batchery.store import Page, Store
+
+_COPY_BUFFER = 1 << 20
+MAX_METADATA_PAIRS = 16
+
+
+def _quoted_list(values: Sequence[str]) -> str:
+    quoted = [f"'{v}'" for v in values]
+    return ", ".join(quoted[:-1]) + f", and {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+
+
+class BatchService:
+    def __init__(self, store: Store, files: FileStore,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.files = files
+        self.clock = clock
+
+    def _now(self) -> int:
+        return int(self.clock())
+
+    # -- files -------------------------------------------------------------------------
+
+    def upload(self, project: str, stream: IO[bytes], *, filename: str, purpose: str,
+               expires_after_s: int | None = None) -> FileRecord:
+        if purpose not in UPLOAD_PURPOSES:
+            raise InvalidRequest(f"Invalid value: '{purpose}'. Supported values are: "
+                                 f"{_quoted_list(sorted(UPLOAD_PURPOSES))}.",
+                                 param="purpose", code="invalid_value")
+        if expires_after_s is not None and not (
+                MIN_EXPIRES_AFTER_S <= expires_after_s <= MAX_EXPIRES_AFTER_S):
+            raise InvalidRequest(f"'expires_after.seconds' must be between "
+                                 f"{MIN_EXPIRES_AFTER_S} and {MAX_EXPIRES_AFTER_S}.",
+                                 param="expires_after.seconds", code="invalid_value")
+        file_id = ids.file_id()
+        key = f"files/{file_id}"
+        with self.files.open_write(key) as out:
+            shutil.copyfileobj(stream, out, _COPY_BUFFER)
+        now = self._now()
+        ttl = expires_after_s or (BATCH_FILE_TTL_S if purpose == "batch" else None)
+        record = FileRecord(id=file_id, project=project, filename=filename, purpose=purpose,
+                            bytes=self.files.size(key), created_at=now,
+                            expires_at=now + ttl if ttl else None, storage_key=key)
+        self.store.insert_file(record)
+        return record
+
+    def get_file(self, project: str, file_id: str) -> FileRecord:
+        record = self.store.get_file(project, file_id)
+        if record is None or (record.expires_at is not None and record.expires_at <= self._now()):
+            raise NotFound(f"No such File object: {file_id}")
+        return record
+
+    def list_files(self, project: str, *, purpose: str | None = None, after: str | None = None,
+                   limit: int = 10_000, order: str = "desc") -> Page[FileRecord]:
+        if order not in ("asc", "desc"):
+            raise InvalidRequest("'order' must be 'asc' or 'desc'.", param="order",
+                                 code="invalid_value")
+        _check_limit(limit, 10_000)
+        return self.store.list_files(project, purpose=purpose, after=after, limit=limit,
+                                     order=order)
+
+    def open_content(self, project: str, file_id: str) -> tuple[FileRecord, IO[bytes]]:
+        record = self.get_file(project, file_id)
+        return record, self.files.open_read(record.storage_key)
+
+    def delete_file(self, project: str, file_id: str) -> FileRecord:
+        record = self.store.delete_file(project, file_id)
+        if record is None:
+            raise NotFound(f"No such File object: {file_id}")
+        # A running batch may still read this file: its blob goes when that batch ends.
+        if not self.store.blob_in_use(record.storage_key):
+            self.files.delete(record.storage_key)
+        return record
+
+    # -- batches -----------------------------------------------------------------------
+
+    def create_batch(self, project: str, *, input_file_id: str, endpoint: str,
+                     completion_window: str = "24h",
+                     metadata: dict[str, Any] | None = None) -> Batch:
+        if endpoint not in SUPPORTED_ENDPOINTS:
+            raise InvalidRequest(f"Invalid value: '{endpoint}'. Supported values are: "
+                                 f"{_quoted_list(SUPPORTED_ENDPOINTS)}.",
+                                 param="endpoint", code="invalid_value")
+        window = COMPLETION_WINDOWS.get(completion_window)
+        if window is None:
+            raise InvalidRequest(f"Invalid value: '{completion_window}'. Supported values "
+                                 f"are: {_quoted_list(list(COMPLETION_WINDOWS))}.",
+                                 param="completion_window", code="invalid_value")
+        _check_metadata(metadata)
+        now = self._now()
+        batch = Batch(id=ids.batch_id(), project=project, endpoint=endpoint,
+                      input_file_id=input_file_id, completion_window=completion_window,
+                      status=BatchStatus.VALIDATING, created_at=now, expires_at=now + window,
+                      metadata=metadata)
+        self.store.insert_batch(batch)
+        return batch
+
+    def get_batch(self, project: str, batch_id: str) -> Batch:
+        batch = self.store.get_batch(project, batch_id)
+        if batch is None:
+            raise NotFound(f"No batch found with id '{batch_id}'.")
+        return batch
+
+    def list_batches(self, project: str, *, after: str | None = None,
+                     limit: int = 20) -> Page[Batch]:
+        _check_limit(limit, 100)
+        return self.store.list_batches(project, after=after, limit=limit)
+
+    def cancel_batch(self, project: str, batch_id: str) -> Batch:
+        return self.store.request_cancel(project, batch_id, self._now())
+
+    def list_models(self) -> list[Deployment]:
+        return self.store.list_deployments()
+
+
+def _check_limit(limit: int, maximum: int) -> None:
+    if not 1 <= limit <= maximum:
+        raise InvalidRequest(f"'limit' must be between 1 and {maximum}.", param="limit",
+                             code="invalid_value")
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("Invalid type for 'metadata': expected an object.",
+                             param="metadata", code="invalid_type")
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidRequest(f"'metadata' may hold at most {MAX_METADATA_PAIRS} pairs.",
+                             param="metadata", code="invalid_value")
+    for key, value in metadata.items():
+        if len(key) > 64:
+            raise InvalidRequest("Metadata keys may be at most 64 characters long.",
+                                 param=f"metadata.{key}", code="invalid_value")
+        if not isinstance(value, str):
+            raise InvalidRequest(f"Invalid type for 'metadata.{key}': expected a string, but "
+                                 f"got {_json_type(value)} instead.",
+                                 param=f"metadata.{key}", code="invalid_type")
+        if len(value) > 512:
+            raise InvalidRequest("Metadata values may be at most 512 characters long.",
+                                 param=f"metadata.{key}", code="invalid_value")
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", dict: "an object", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), "a value")

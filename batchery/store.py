@@ -1,0 +1,165 @@
+"""The metadata store port: files, batches, the chunk queue with its leases, and workers.
+
+Every state change that a lease guards is *fenced*: it names the lease token and does
+nothing (returning False) when the lease has been lost, so a slow or partitioned worker can
+never write or count a chunk twice.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from batchery.batches import Batch, BatchError
+from batchery.chunks import Chunk, ChunkLease, ChunkResult, ChunkSpec
+from batchery.deployments import Deployment
+from batchery.files import FileRecord
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    has_more: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PhaseLease:
+    """A worker's claim on a batch's batch-level work: validation or assembling results."""
+
+    batch: Batch
+    token: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    state: str
+    started_at: float
+    last_heartbeat: float = 0.0
+    current: str | None = None
+    chunks_done: int = 0
+
+
+class FileRecords(ABC):
+    @abstractmethod
+    def insert_file(self, record: FileRecord) -> None: ...
+
+    @abstractmethod
+    def get_file(self, project: str | None, file_id: str) -> FileRecord | None:
+        """The file, if it exists and `project` may see it (None: any project)."""
+
+    @abstractmethod
+    def list_files(self, project: str, *, purpose: str | None, after: str | None, limit: int,
+                   order: str) -> Page[FileRecord]: ...
+
+    @abstractmethod
+    def delete_file(self, project: str, file_id: str) -> FileRecord | None:
+        """Remove the record; returns it, or None if there was none."""
+
+    @abstractmethod
+    def blob_in_use(self, storage_key: str) -> bool:
+        """Whether an unfinished batch still reads this blob."""
+
+
+class BatchRecords(ABC):
+    @abstractmethod
+    def insert_batch(self, batch: Batch) -> None: ...
+
+    @abstractmethod
+    def get_batch(self, project: str | None, batch_id: str) -> Batch | None: ...
+
+    @abstractmethod
+    def list_batches(self, project: str, *, after: str | None, limit: int) -> Page[Batch]:
+        """Newest first."""
+
+    @abstractmethod
+    def request_cancel(self, project: str, batch_id: str, now: int) -> Batch:
+        """Move a running batch to `cancelling`. Raises NotFound, or Conflict once ended."""
+
+    @abstractmethod
+    def expire_due(self, now: int) -> int:
+        """Send batches whose window has run out to `finalizing`; returns how many."""
+
+
+class PhaseQueue(ABC):
+    @abstractmethod
+    def claim_phase(self, owner: str, lease_s: float) -> PhaseLease | None:
+        """Claim a batch that is validating, finalizing or cancelling and not leased."""
+
+    @abstractmethod
+    def renew_phase(self, lease: PhaseLease, lease_s: float) -> bool:
+        """Extend the lease; False if it was lost or the batch changed status."""
+
+    @abstractmethod
+    def release_phase(self, lease: PhaseLease) -> None: ...
+
+    @abstractmethod
+    def start_batch(self, lease: PhaseLease, *, total: int, model: str | None,
+                    input_key: str, chunks: Sequence[ChunkSpec], now: int) -> bool:
+        """validating -> in_progress, creating the chunks, in one transaction."""
+
+    @abstractmethod
+    def fail_batch(self, lease: PhaseLease, errors: Sequence[BatchError], now: int) -> bool:
+        """validating -> failed with `errors`."""
+
+    @abstractmethod
+    def abort_open_chunks(self, batch_id: str) -> int:
+        """Mark queued and leased chunks aborted; their leases stop being honoured."""
+
+    @abstractmethod
+    def list_chunks(self, batch_id: str) -> list[Chunk]: ...
+
+    @abstractmethod
+    def finish_batch(self, lease: PhaseLease, *, outputs: Sequence[FileRecord],
+                     output_file_id: str | None, error_file_id: str | None,
+                     completed: int, failed: int, now: int) -> bool:
+        """Record the result files and move the batch to its terminal status."""
+
+
+class ChunkQueue(ABC):
+    @abstractmethod
+    def claim_chunk(self, owner: str, lease_s: float) -> ChunkLease | None:
+        """Claim the oldest queued chunk of a running batch."""
+
+    @abstractmethod
+    def renew_chunk(self, lease: ChunkLease, lease_s: float) -> bool: ...
+
+    @abstractmethod
+    def complete_chunk(self, lease: ChunkLease, result: ChunkResult) -> bool:
+        """Commit the results and the completion together, fenced by the lease."""
+
+    @abstractmethod
+    def release_chunk(self, lease: ChunkLease, *, error: str | None, count_attempt: bool,
+                      max_attempts: int, delay_s: float = 0.0) -> None:
+        """Hand the chunk back (or fail it for good once out of attempts)."""
+
+    @abstractmethod
+    def reap_expired(self, max_attempts: int) -> int:
+        """Requeue chunks whose lease ran out, counting an attempt; returns how many."""
+
+
+class Registry(ABC):
+    @abstractmethod
+    def set_deployments(self, deployments: Sequence[Deployment]) -> None: ...
+
+    @abstractmethod
+    def list_deployments(self) -> list[Deployment]: ...
+
+    @abstractmethod
+    def heartbeat_worker(self, info: WorkerInfo) -> None: ...
+
+    @abstractmethod
+    def list_workers(self) -> list[WorkerInfo]: ...
+
+
+class Store(FileRecords, BatchRecords, PhaseQueue, ChunkQueue, Registry, ABC):
+    """Everything Batchery keeps in its database."""
+
+    @abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,113 @@
+"""Initial schema: files, batches, chunks, deployments, workers.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-22
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "files",
+        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", sa.String(64), nullable=False, unique=True),
+        sa.Column("project", sa.String(128), nullable=False),
+        sa.Column("filename", sa.String(512), nullable=False),
+        sa.Column("purpose", sa.String(32), nullable=False),
+        sa.Column("bytes", sa.BigInteger, nullable=False),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
+        sa.Column("expires_at", sa.BigInteger, nullable=True),
+        sa.Column("storage_key", sa.String(512), nullable=False),
+    )
+    op.create_index("ix_files_project_seq", "files", ["project", "seq"])
+    op.create_table(
+        "batches",
+        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", sa.String(64), nullable=False, unique=True),
+        sa.Column("project", sa.String(128), nullable=False),
+        sa.Column("endpoint", sa.String(64), nullable=False),
+        sa.Column("input_file_id", sa.String(64), nullable=False),
+        sa.Column("input_key", sa.String(512), nullable=True),
+        sa.Column("completion_window", sa.String(16), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("end_reason", sa.String(16), nullable=True),
+        sa.Column("model", sa.String(256), nullable=True),
+        sa.Column("errors", sa.JSON, nullable=True),
+        sa.Column("metadata", sa.JSON, nullable=True),
+        sa.Column("output_file_id", sa.String(64), nullable=True),
+        sa.Column("error_file_id", sa.String(64), nullable=True),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
+        sa.Column("expires_at", sa.BigInteger, nullable=False),
+        sa.Column("in_progress_at", sa.BigInteger, nullable=True),
+        sa.Column("finalizing_at", sa.BigInteger, nullable=True),
+        sa.Column("completed_at", sa.BigInteger, nullable=True),
+        sa.Column("failed_at", sa.BigInteger, nullable=True),
+        sa.Column("expired_at", sa.BigInteger, nullable=True),
+        sa.Column("cancelling_at", sa.BigInteger, nullable=True),
+        sa.Column("cancelled_at", sa.BigInteger, nullable=True),
+        sa.Column("total", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("completed", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("input_tokens", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("output_tokens", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("lease_owner", sa.String(128), nullable=True),
+        sa.Column("lease_token", sa.String(64), nullable=True),
+        sa.Column("lease_expires_at", sa.Float, nullable=True),
+    )
+    op.create_index("ix_batches_project_seq", "batches", ["project", "seq"])
+    op.create_index("ix_batches_status", "batches", ["status"])
+    op.create_table(
+        "chunks",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("batch_id", sa.String(64), nullable=False),
+        sa.Column("idx", sa.Integer, nullable=False),
+        sa.Column("start_offset", sa.BigInteger, nullable=False),
+        sa.Column("end_offset", sa.BigInteger, nullable=False),
+        sa.Column("first_line", sa.Integer, nullable=False),
+        sa.Column("n_lines", sa.Integer, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("not_before", sa.Float, nullable=True),
+        sa.Column("lease_owner", sa.String(128), nullable=True),
+        sa.Column("lease_token", sa.String(64), nullable=True),
+        sa.Column("lease_expires_at", sa.Float, nullable=True),
+        sa.Column("n_ok", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("n_err", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("out_key", sa.String(512), nullable=True),
+        sa.Column("err_key", sa.String(512), nullable=True),
+        sa.Column("last_error", sa.Text, nullable=True),
+        sa.UniqueConstraint("batch_id", "idx", name="uq_chunks_batch_idx"),
+    )
+    op.create_index("ix_chunks_state_id", "chunks", ["state", "id"])
+    op.create_table(
+        "deployments",
+        sa.Column("name", sa.String(128), primary_key=True),
+        sa.Column("backend", sa.String(64), nullable=False),
+        sa.Column("options", sa.JSON, nullable=False),
+    )
+    op.create_table(
+        "workers",
+        sa.Column("id", sa.String(128), primary_key=True),
+        sa.Column("host", sa.String(256), nullable=False),
+        sa.Column("pid", sa.Integer, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("started_at", sa.Float, nullable=False),
+        sa.Column("last_heartbeat", sa.Float, nullable=False),
+        sa.Column("current", sa.String(128), nullable=True),
+        sa.Column("chunks_done", sa.Integer, nullable=False, server_default="0"),
+    )
+
+
+def downgrade() -> None:
+    for table in ("workers", "deployments", "chunks", "batches", "files"):
+        op.drop_table(table)

@@ -1,0 +1,197 @@
+"""Streaming validation of a batch input file, and cutting it into chunks.
+
+The validator reads each line once and keeps, per request, only an 8-byte hash of its
+`custom_id` (to find duplicates), so memory grows by 8 bytes a line and never holds a line
+longer than it takes to parse it. Hash collisions are settled by a second, targeted pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from batchery.batches import MAX_REPORTED_ERRORS, BatchError
+from batchery.chunks import ChunkSpec
+
+#: `(byte offset, raw line)` pairs, as produced by `iter_lines`.
+Lines = Iterable[tuple[int, bytes]]
+
+
+def iter_lines(stream: Any) -> Iterator[tuple[int, bytes]]:
+    """Yield `(offset, line)` for every line of a binary stream, newline included."""
+    offset = 0
+    for line in stream:
+        yield offset, line
+        offset += len(line)
+
+
+@dataclass(kw_only=True)
+class Report:
+    errors: list[BatchError] = field(default_factory=list)
+    error_count: int = 0
+    total: int = 0
+    chunks: list[ChunkSpec] = field(default_factory=list)
+    models: set[str] = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        return self.error_count == 0
+
+    def add(self, error: BatchError) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append(error)
+
+
+def _missing(param: str, line: int) -> BatchError:
+    return BatchError(code="missing_required_parameter",
+                      message=f"Missing required parameter: '{param}'.", param=param, line=line)
+
+
+def check_line(raw: bytes, line: int, endpoint: str,
+               model_known: Callable[[str], bool]) -> tuple[str | None, str | None, BatchError | None]:
+    """Check one line. Returns `(custom_id, model, error)`."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, None, BatchError(code="invalid_json_line",
+                                      message="This line is not parseable as valid JSON.",
+                                      line=line)
+    if not isinstance(obj, dict):
+        return None, None, BatchError(code="invalid_request",
+                                      message="Each line must be a JSON object.", line=line)
+    for key in ("custom_id", "method", "url", "body"):
+        if key not in obj or obj[key] is None:
+            return None, None, _missing(key, line)
+    custom_id, body = obj["custom_id"], obj["body"]
+    if not isinstance(custom_id, str) or not custom_id:
+        return None, None, BatchError(code="invalid_request", param="custom_id", line=line,
+                                      message="'custom_id' must be a non-empty string.")
+    if obj["method"] != "POST":
+        return custom_id, None, BatchError(code="invalid_request", param="method", line=line,
+                                           message="'method' must be 'POST'.")
+    if obj["url"] != endpoint:
+        return custom_id, None, BatchError(
+            code="invalid_url", param="url", line=line,
+            message=f"The URL provided for this request does not match the batch endpoint "
+                    f"'{endpoint}'.")
+    if not isinstance(body, dict):
+        return custom_id, None, BatchError(code="invalid_request", param="body", line=line,
+                                           message="'body' must be a JSON object.")
+    model = body.get("model")
+    if model is None:
+        return custom_id, None, _missing("body.model", line)
+    if body.get("stream") is True:
+        return custom_id, None, BatchError(
+            code="streaming_unsupported", param="body.stream", line=line,
+            message="Streaming is not supported in the Batch API.")
+    if not isinstance(model, str) or not model_known(model):
+        return custom_id, None, BatchError(
+            code="model_not_found", param="body.model", line=line,
+            message=f"The provided model '{model}' is not served by any deployment.")
+    return custom_id, model, None
+
+
+def _custom_id_hash(custom_id: str) -> int:
+    # Python's str hash is stable within a process, which is all the dedupe pass needs.
+    return hash(custom_id) or 1
+
+
+def validate(lines: Lines, *, endpoint: str, model_known: Callable[[str], bool],
+             max_tasks: int, chunk_size: int,
+             reread: Callable[[], Lines] | None = None) -> Report:
+    """Check every line, cut chunks of `chunk_size` requests, and report problems.
+
+    `reread` re-opens the input; it is only called when two `custom_id`s hash alike.
+    """
+    report = Report()
+    hashes = np.zeros(1024, dtype=np.int64)
+    line_no = 0
+    chunk_start = chunk_first = None
+    chunk_lines = 0
+    end = 0
+    for offset, raw in lines:
+        line_no += 1
+        end = offset + len(raw)
+        if not raw.strip():
+            continue
+        custom_id, model, error = check_line(raw, line_no, endpoint, model_known)
+        if error is not None:
+            report.add(error)
+        if model is not None:
+            report.models.add(model)
+        if custom_id is None:
+            continue
+        report.total += 1
+        if report.total > max_tasks:
+            report.add(BatchError(
+                code="too_many_tasks",
+                message=f"The number of requests in the input file exceeds the maximum "
+                        f"allowed value of {max_tasks}."))
+            return report
+        if line_no > len(hashes):
+            grown = np.zeros(max(len(hashes) * 2, line_no), dtype=np.int64)
+            grown[:len(hashes)] = hashes
+            hashes = grown
+        hashes[line_no - 1] = _custom_id_hash(custom_id)
+        if chunk_start is None:
+            chunk_start, chunk_first, chunk_lines = offset, line_no, 0
+        chunk_lines += 1
+        if chunk_lines == chunk_size:
+            report.chunks.append(_spec(len(report.chunks), chunk_start, end, chunk_first,
+                                       chunk_lines))
+            chunk_start = None
+    if chunk_start is not None and chunk_first is not None:
+        report.chunks.append(_spec(len(report.chunks), chunk_start, end, chunk_first,
+                                   chunk_lines))
+    if report.total == 0 and report.error_count == 0:
+        report.add(BatchError(code="empty_file",
+                              message="The input file is empty. Please ensure that the batch "
+                                      "contains at least one request."))
+    for line in _duplicate_lines(hashes[:line_no], reread):
+        report.add(BatchError(
+            code="duplicate_custom_id", param="custom_id", line=line,
+            message="The custom_id for this request is a duplicate of another request."))
+    report.errors.sort(key=lambda e: (e.line is None, e.line or 0))
+    return report
+
+
+def _spec(index: int, start: int, end: int, first: int | None, n: int) -> ChunkSpec:
+    assert first is not None
+    return ChunkSpec(index=index, start_offset=start, end_offset=end, first_line=first,
+                     n_lines=n)
+
+
+def _duplicate_lines(hashes: np.ndarray[Any, np.dtype[np.int64]],
+                     reread: Callable[[], Lines] | None) -> list[int]:
+    """1-based lines whose custom_id already appeared on an earlier line."""
+    present = np.flatnonzero(hashes)
+    if len(present) < 2:
+        return []
+    values = hashes[present]
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    same = np.flatnonzero(sorted_values[1:] == sorted_values[:-1])
+    if len(same) == 0:
+        return []
+    suspects = set((present[order[np.concatenate([same, same + 1])]] + 1).tolist())
+    if reread is None:
+        return sorted(int(present[order[i + 1]]) + 1 for i in same)
+    return _confirm_duplicates(suspects, reread)
+
+
+def _confirm_duplicates(suspects: set[int], reread: Callable[[], Lines]) -> list[int]:
+    seen: set[str] = set()
+    duplicates: list[int] = []
+    for line_no, (_, raw) in enumerate(reread(), start=1):
+        if line_no not in suspects:
+            continue
+        custom_id = orjson.loads(raw)["custom_id"]
+        if custom_id in seen:
+            duplicates.append(line_no)
+        seen.add(custom_id)
+    return duplicates

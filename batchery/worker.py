@@ -1,0 +1,252 @@
+"""The worker: one OS process that claims work from the store and runs it.
+
+Each loop it looks for batch-level work first (validation, assembling results), then for a
+chunk. Every piece of work is held under a lease that a heartbeat thread renews; a lease
+lost (to a cancel, an expiry, or a reaper that thought we were dead) stops the work, and
+anything it would have written is fenced out by the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from batchery import backends, execution, phases
+from batchery.backend import ModelBackend
+from batchery.batches import BatchStatus
+from batchery.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, ChunkLease
+from batchery.chunks import ChunkResult as Result
+from batchery.filestore import FileStore
+from batchery.heartbeat import Heartbeat
+from batchery.retry import RetryPolicy
+from batchery.store import PhaseLease, Store, WorkerInfo
+
+log = logging.getLogger("batchery.worker")
+
+#: Default for the most requests a batch may hold. OpenAI allows 50,000; our memory use does
+#: not grow with the batch, so we allow far more.
+DEFAULT_MAX_TASKS = 10_000_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    lease_s: float = DEFAULT_LEASE_S
+    #: Sleep between polls when there is nothing to do, in seconds.
+    poll_s: float = 0.2
+    #: How often to reap lost leases, expire batches and report this worker, in seconds.
+    housekeeping_s: float = 1.0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_tasks: int = DEFAULT_MAX_TASKS
+    #: After a stop is asked for, how long the chunk in hand may still run, in seconds.
+    grace_s: float = 30.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class _Shutdown(Exception):
+    """The chunk was handed back because the worker is stopping."""
+
+
+class Worker:
+    """Don't run more than one Worker per process: backends hold one model each."""
+
+    def __init__(self, store: Store, files: FileStore, config: WorkerConfig | None = None,
+                 *, worker_id: str | None = None) -> None:
+        self.store = store
+        self.files = files
+        self.config = config or WorkerConfig()
+        self.info = WorkerInfo(
+            id=worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}",
+            host=socket.gethostname(), pid=os.getpid(), state="starting",
+            started_at=time.time())
+        self.stop_event = threading.Event()
+        self._stop_asked_at: float | None = None
+        self._backends: dict[str, ModelBackend] = {}
+        self._runner = asyncio.Runner()
+        self._task: asyncio.Task[execution.ChunkOutput] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_housekeeping = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish (or, after the grace period, hand back) the work in hand, then exit."""
+        if self._stop_asked_at is None:
+            self._stop_asked_at = time.monotonic()
+        self.stop_event.set()
+
+    def run(self) -> None:
+        log.info("worker %s started", self.info.id)
+        try:
+            while not self.stop_event.is_set():
+                if not self.run_once():
+                    self.stop_event.wait(self.config.poll_s)
+        finally:
+            self._report("stopped", None)
+            self._close_backends()
+            self._runner.close()
+            log.info("worker %s stopped", self.info.id)
+
+    def run_once(self) -> bool:
+        """Do one piece of work if there is any; returns whether there was."""
+        self._housekeeping()
+        phase = self.store.claim_phase(self.info.id, self.config.lease_s)
+        if phase is not None:
+            self._run_phase(phase)
+            return True
+        chunk = self.store.claim_chunk(self.info.id, self.config.lease_s)
+        if chunk is not None:
+            self._run_chunk(chunk)
+            return True
+        self._report("idle", None)
+        return False
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + self.config.housekeeping_s
+        reaped = self.store.reap_expired(self.config.max_attempts)
+        if reaped:
+            log.warning("requeued %d chunk(s) whose worker stopped renewing its lease", reaped)
+        self.store.expire_due(int(time.time()))
+        self._report(self.info.state, self.info.current)
+
+    def _report(self, state: str, current: str | None) -> None:
+        self.info = dataclasses.replace(self.info, state=state, current=current,
+                                        last_heartbeat=time.time())
+        try:
+            self.store.heartbeat_worker(self.info)
+        except Exception:
+            log.exception("could not record this worker's heartbeat")
+
+    def _overdue(self) -> bool:
+        asked = self._stop_asked_at
+        return asked is not None and time.monotonic() - asked > self.config.grace_s
+
+    # -- batch-level work --------------------------------------------------------------
+
+    def _run_phase(self, lease: PhaseLease) -> None:
+        batch = lease.batch
+        self._report("running", f"{batch.id}:{batch.status.value}")
+        heartbeat = Heartbeat(lambda: self.store.renew_phase(lease, self.config.lease_s),
+                              self.config.lease_s / 3)
+        try:
+            with heartbeat:
+                if batch.status is BatchStatus.VALIDATING:
+                    limits = phases.Limits(chunk_size=self.config.chunk_size,
+                                           max_tasks=self.config.max_tasks)
+                    phases.validate(self.store, self.files, lease, limits, lambda: heartbeat.lost)
+                else:
+                    phases.finalize(self.store, self.files, lease, lambda: heartbeat.lost)
+        except phases.LeaseLost:
+            log.info("batch %s changed while this worker worked on it; leaving it", batch.id)
+        except Exception:
+            log.exception("batch-level work on %s failed; it will be retried", batch.id)
+            self.store.release_phase(lease)
+
+    # -- chunks ------------------------------------------------------------------------
+
+    def _run_chunk(self, lease: ChunkLease) -> None:
+        self._report("running", f"{lease.batch_id}:{lease.spec.index}")
+        heartbeat = Heartbeat(lambda: self.store.renew_chunk(lease, self.config.lease_s),
+                              self.config.lease_s / 3, on_lost=self._cancel_task,
+                              overdue=self._overdue, on_overdue=self._cancel_task)
+        try:
+            with heartbeat:
+                output = self._execute(lease)
+        except asyncio.CancelledError:
+            if heartbeat.lost:
+                log.info("chunk %s of %s: lease lost (batch cancelled or expired?)",
+                         lease.spec.index, lease.batch_id)
+            else:
+                self.store.release_chunk(lease, error="handed back: the worker stopped",
+                                         count_attempt=False,
+                                         max_attempts=self.config.max_attempts)
+            return
+        except Exception:
+            error = traceback.format_exc()
+            log.error("chunk %s of %s failed:\n%s", lease.spec.index, lease.batch_id, error)
+            self.store.release_chunk(lease, error=error, count_attempt=True,
+                                     max_attempts=self.config.max_attempts,
+                                     delay_s=self.config.retry.delay(lease.attempts + 1))
+            return
+        self._commit(lease, output)
+
+    def _execute(self, lease: ChunkLease) -> execution.ChunkOutput:
+        data = self.files.read_range(lease.input_key, lease.spec.start_offset,
+                                     lease.spec.end_offset)
+        lines = execution.split_lines(data)
+        return self._runner.run(self._execute_async(lease, lines))
+
+    async def _execute_async(self, lease: ChunkLease, lines: list[bytes]
+                             ) -> execution.ChunkOutput:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            return await execution.run_chunk(lines, lease.endpoint, self._backend,
+                                             self.config.retry)
+        finally:
+            self._task = None
+
+    def _cancel_task(self) -> None:
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            loop.call_soon_threadsafe(task.cancel)
+
+    def _commit(self, lease: ChunkLease, output: execution.ChunkOutput) -> None:
+        prefix = f"{phases.parts_prefix(lease.batch_id)}/{lease.spec.index:07d}-{lease.token}"
+        out_key = self._write_part(f"{prefix}.out", output.out)
+        err_key = self._write_part(f"{prefix}.err", output.err)
+        result = Result(n_ok=output.n_ok, n_err=output.n_err, out_key=out_key, err_key=err_key,
+                        input_tokens=output.input_tokens, output_tokens=output.output_tokens)
+        if self.store.complete_chunk(lease, result):
+            self.info = dataclasses.replace(self.info,
+                                            chunks_done=self.info.chunks_done + 1)
+            return
+        log.info("chunk %s of %s: lease lost before commit; results dropped",
+                 lease.spec.index, lease.batch_id)
+        for key in (out_key, err_key):
+            if key:
+                self.files.delete(key)
+
+    def _write_part(self, key: str, data: bytearray) -> str | None:
+        if not data:
+            return None
+        with self.files.open_write(key) as out:
+            out.write(data)
+        return key
+
+    # -- backends ----------------------------------------------------------------------
+
+    async def _backend(self, model: str) -> ModelBackend | None:
+        backend = self._backends.get(model)
+        if backend is not None:
+            return backend
+        deployment = next((d for d in self.store.list_deployments() if d.name == model), None)
+        if deployment is None:
+            return None
+        backend = backends.create(deployment)
+        await backend.start()
+        self._backends[model] = backend
+        log.info("loaded deployment %s (backend %s)", model, deployment.backend)
+        return backend
+
+    def _close_backends(self) -> None:
+        async def close_all() -> None:
+            for backend in self._backends.values():
+                await backend.aclose()
+
+        try:
+            self._runner.run(close_all())
+        except Exception:
+            log.exception("closing backends failed")
+        self._backends.clear()

@@ -140,6 +140,11 @@ class ChunkQueue(ABC):
         """Hand the chunk back (or fail it for good once out of attempts)."""
 
     @abstractmethod
+    def reset_leases(self) -> None:
+        """Free every chunk and phase lease without counting an attempt. Only for a store
+        with a single owner, which knows that no other process holds work (`batchery run`)."""
+
+    @abstractmethod
     def reap_expired(self, max_attempts: int) -> int:
         """Requeue chunks whose lease ran out, counting an attempt; returns how many."""
 

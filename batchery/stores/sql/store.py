@@ -319,6 +319,14 @@ class SqlStore(Store):
                 failed=batches.c.failed + row.n_lines))
             self._finalize_if_drained(conn, row.batch_id)
 
+    def reset_leases(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(chunks.update().where(chunks.c.state == ChunkState.LEASED.value)
+                         .values(state=ChunkState.QUEUED.value, lease_token=None,
+                                 lease_owner=None, lease_expires_at=None))
+            conn.execute(batches.update().where(batches.c.lease_token.is_not(None))
+                         .values(lease_token=None, lease_owner=None, lease_expires_at=None))
+
     def reap_expired(self, max_attempts: int) -> int:
         expired = sa.select(chunks.c.id, chunks.c.lease_token, chunks.c.attempts).where(
             chunks.c.state == ChunkState.LEASED.value, chunks.c.lease_expires_at < self._now)

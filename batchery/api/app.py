@@ -1,0 +1,53 @@
+"""`create_app`: the FastAPI application over a `Runtime`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from batchery import __version__, ids
+from batchery.api import errors
+from batchery.api.responses import JSONResponse
+from batchery.api.routes import batches, files, models
+from batchery.auth import KeyRing
+from batchery.runtime import Runtime
+
+
+class RequestIdMiddleware:
+    """Tags every response with `x-request-id`, which the OpenAI SDK reads."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ids.request_id().encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(runtime: Runtime, keys: KeyRing | None = None) -> FastAPI:
+    app = FastAPI(title="Batchery", version=__version__, default_response_class=JSONResponse)
+    app.state.runtime = runtime
+    app.state.service = runtime.service
+    app.state.keys = keys or KeyRing.load(runtime.settings.keys_file)
+    errors.install(app)
+    for module in (files, batches, models):
+        app.include_router(module.router, prefix="/v1")
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> Any:
+        return {"status": "ok", "version": __version__}
+
+    app.add_middleware(RequestIdMiddleware)
+    return app

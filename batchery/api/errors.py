@@ -1,0 +1,80 @@
+"""The one place that knows HTTP status codes: domain errors to OpenAI error envelopes."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from batchery.api.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from batchery.exceptions import Conflict, InvalidRequest, NotFound, Unauthorized
+
+log = logging.getLogger("batchery.api")
+
+
+def error_response(status: int, message: str, *, type_: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _not_found(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, NotFound)
+    return error_response(404, exc.message, param=exc.param)
+
+
+async def _conflict(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Conflict)
+    # The SDKs retry 409 unless told not to; our conflicts never pass by waiting.
+    return error_response(409, exc.message, headers={"x-should-retry": "false"})
+
+
+async def _invalid(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidRequest)
+    return error_response(400, exc.message, param=exc.param, code=exc.code)
+
+
+async def _unauthorized(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Unauthorized)
+    return error_response(401, exc.message, code="invalid_api_key")
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return error_response(exc.status_code, message)
+
+
+async def _validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}." if param \
+        else str(first.get("msg", "Invalid request."))
+    return error_response(400, message, param=param, code="invalid_value")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path,
+                  exc_info=exc)
+    return error_response(500, "The server had an error while processing your request.",
+                          type_="server_error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(Conflict, _conflict)
+    app.add_exception_handler(InvalidRequest, _invalid)
+    app.add_exception_handler(Unauthorized, _unauthorized)
+    app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,100 @@
+"""`/v1/files`: upload, list, retrieve, download and delete files."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import IO, Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.responses import StreamingResponse
+
+from batchery.api import wire
+from batchery.api.deps import Project, Service
+from batchery.exceptions import InvalidRequest
+
+router = APIRouter()
+_BLOCK = 1 << 20
+#: Largest upload accepted, in bytes (the hosted API takes 512 MB; we stream, so allow more).
+MAX_UPLOAD_BYTES = 8 << 30
+
+
+def _field(form: Any, name: str) -> str | None:
+    """A form field, accepting both `a[b]` (the SDKs) and `a.b` (Azure's docs)."""
+    value = form.get(name)
+    if value is None and "[" in name:
+        value = form.get(name.replace("[", ".").replace("]", ""))
+    return value if isinstance(value, str) else None
+
+
+@router.post("/files")
+async def create_file(request: Request, project: Project, service: Service) -> Any:
+    try:
+        form = await request.form(max_part_size=1 << 20)
+    except Exception as exc:
+        raise InvalidRequest(f"Could not parse the multipart body: {exc}") from exc
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("Missing required parameter: 'file'.", param="file",
+                                 code="missing_required_parameter")
+        purpose = _field(form, "purpose")
+        if not purpose:
+            raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose",
+                                 code="missing_required_parameter")
+        seconds = _expires_after(form)
+        record = await run_in_threadpool(service.upload, project, upload.file,
+                                         filename=upload.filename or "upload",
+                                         purpose=purpose, expires_after_s=seconds)
+    finally:
+        await form.close()
+    return wire.file_object(record)
+
+
+def _expires_after(form: Any) -> int | None:
+    anchor = _field(form, "expires_after[anchor]")
+    seconds = _field(form, "expires_after[seconds]")
+    if anchor is not None and anchor != "created_at":
+        raise InvalidRequest("'expires_after.anchor' must be 'created_at'.",
+                             param="expires_after.anchor", code="invalid_value")
+    if seconds is None:
+        return None
+    try:
+        return int(seconds)
+    except ValueError:
+        raise InvalidRequest("'expires_after.seconds' must be an integer.",
+                             param="expires_after.seconds", code="invalid_type") from None
+
+
+@router.get("/files")
+def list_files(project: Project, service: Service, after: str | None = None,
+               limit: int = 10_000, order: str = "desc", purpose: str | None = None) -> Any:
+    page = service.list_files(project, purpose=purpose, after=after, limit=limit, order=order)
+    return wire.page_object(page, wire.file_object)
+
+
+@router.get("/files/{file_id}")
+def retrieve_file(file_id: str, project: Project, service: Service) -> Any:
+    return wire.file_object(service.get_file(project, file_id))
+
+
+@router.get("/files/{file_id}/content")
+def file_content(file_id: str, project: Project, service: Service) -> StreamingResponse:
+    record, stream = service.open_content(project, file_id)
+    return StreamingResponse(_blocks(stream), media_type="application/octet-stream",
+                             headers={"Content-Length": str(record.bytes),
+                                      "Content-Disposition":
+                                          f'attachment; filename="{record.filename}"'})
+
+
+def _blocks(stream: IO[bytes]) -> Iterator[bytes]:
+    with stream:
+        while block := stream.read(_BLOCK):
+            yield block
+
+
+@router.delete("/files/{file_id}")
+def delete_file(file_id: str, project: Project, service: Service) -> Any:
+    record = service.delete_file(project, file_id)
+    return {"id": record.id, "object": "file", "deleted": True}

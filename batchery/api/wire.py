@@ -1,0 +1,62 @@
+"""Rendering domain values as the hosted APIs' JSON objects: every field, nulls included."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from batchery.batches import Batch, BatchStatus
+from batchery.deployments import Deployment
+from batchery.files import FileRecord
+from batchery.store import Page
+
+T = TypeVar("T")
+
+
+def file_object(record: FileRecord) -> dict[str, Any]:
+    return {"id": record.id, "object": "file", "bytes": record.bytes,
+            "created_at": record.created_at, "expires_at": record.expires_at,
+            "filename": record.filename, "purpose": record.purpose, "status": "processed",
+            "status_details": None}
+
+
+def batch_object(batch: Batch) -> dict[str, Any]:
+    errors = ({"object": "list", "data": [e.to_dict() for e in batch.errors]}
+              if batch.errors is not None else None)
+    usage = None
+    if batch.status is BatchStatus.COMPLETED or batch.input_tokens or batch.output_tokens:
+        usage = {"input_tokens": batch.input_tokens,
+                 "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": batch.output_tokens,
+                 "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": batch.input_tokens + batch.output_tokens}
+    return {
+        "id": batch.id, "object": "batch", "endpoint": batch.endpoint, "model": batch.model,
+        "errors": errors, "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window, "status": batch.status.value,
+        "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
+        "created_at": batch.created_at, "in_progress_at": batch.in_progress_at,
+        "expires_at": batch.expires_at, "finalizing_at": batch.finalizing_at,
+        "completed_at": batch.completed_at, "failed_at": batch.failed_at,
+        "expired_at": batch.expired_at, "cancelling_at": batch.cancelling_at,
+        "cancelled_at": batch.cancelled_at,
+        "request_counts": {"total": batch.total, "completed": batch.completed,
+                           "failed": batch.failed},
+        "usage": usage, "metadata": batch.metadata,
+    }
+
+
+def model_object(deployment: Deployment) -> dict[str, Any]:
+    return {"id": deployment.name, "object": "model", "created": 0, "owned_by": "batchery",
+            "backend": deployment.backend}
+
+
+def list_object(items: Sequence[T], render: Callable[[T], dict[str, Any]],
+                has_more: bool = False) -> dict[str, Any]:
+    data = [render(i) for i in items]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
+def page_object(page: Page[T], render: Callable[[T], dict[str, Any]]) -> dict[str, Any]:
+    return list_object(page.items, render, page.has_more)

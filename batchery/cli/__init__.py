@@ -1,0 +1,19 @@
+"""The `batchery` command line."""
+
+from __future__ import annotations
+
+import typer
+
+from batchery.cli import client, offline, server
+
+app = typer.Typer(help="Batchery: self-hosted batch inference.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+server.register(app)
+offline.register(app)
+app.add_typer(client.files_app, name="files")
+app.add_typer(client.batches_app, name="batches")
+app.add_typer(server.keys_app, name="keys")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,39 @@
+"""The composition root: turns `Settings` into a store, a file store and the service."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from batchery import deployments
+from batchery.filestores.fsspec_store import FsspecFileStore
+from batchery.service import BatchService
+from batchery.settings import Settings
+from batchery.stores.sql.store import SqlStore
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: SqlStore
+    files: FsspecFileStore
+    service: BatchService
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Runtime:
+    """Open the stores. `publish_deployments` (the server does it) records the configured
+    deployments in the database, where every worker reads them."""
+    if settings.database_url is None or settings.files_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    store = SqlStore.from_url(settings.db_url)
+    if publish_deployments:
+        items = (deployments.load(settings.config) if settings.config
+                 else list(deployments.DEFAULT_DEPLOYMENTS))
+        store.set_deployments(items)
+    files = FsspecFileStore(settings.file_store_url)
+    return Runtime(settings=settings, store=store, files=files,
+                   service=BatchService(store, files))

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any
 
 #: The endpoints a batch line may target.
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-#: `completion_window` values and their length in seconds. `24h` is OpenAI's only value;
-#: the others are our extension.
-COMPLETION_WINDOWS = {"1h": 3600, "2h": 7200, "6h": 6 * 3600, "12h": 12 * 3600,
-                      "24h": 86400, "48h": 2 * 86400, "72h": 3 * 86400, "7d": 7 * 86400}
+#: `completion_window` is `<N>` plus a unit. `24h` is OpenAI's only value; any other length,
+#: from 1 second to 30 days, is our extension (short windows make expiry testable).
+_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW_S = 30 * 86400
 #: How many line errors a failed validation reports at most.
 MAX_REPORTED_ERRORS = 100
+
+
+def window_seconds(window: str) -> int | None:
+    """The length of a completion window in seconds, or None if it is not a valid one."""
+    match = _WINDOW.match(window)
+    if match is None:
+        return None
+    seconds = int(match.group(1)) * _UNIT_S[match.group(2)]
+    return seconds if seconds <= MAX_WINDOW_S else None
 
 
 class BatchStatus(str, enum.Enum):

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from batchery import ids
-from batchery.batches import COMPLETION_WINDOWS, SUPPORTED_ENDPOINTS, Batch, BatchStatus
+from batchery.batches import SUPPORTED_ENDPOINTS, Batch, BatchStatus, window_seconds
 from batchery.deployments import Deployment
 from batchery.exceptions import InvalidRequest, NotFound
 from batchery.filestore import FileStore
@@ -102,10 +102,11 @@ class BatchService:
             raise InvalidRequest(f"Invalid value: '{endpoint}'. Supported values are: "
                                  f"{_quoted_list(SUPPORTED_ENDPOINTS)}.",
                                  param="endpoint", code="invalid_value")
-        window = COMPLETION_WINDOWS.get(completion_window)
+        window = window_seconds(completion_window)
         if window is None:
             raise InvalidRequest(f"Invalid value: '{completion_window}'. Supported values "
-                                 f"are: {_quoted_list(list(COMPLETION_WINDOWS))}.",
+                                 f"are: '24h', or a number and a unit of s, m, h or d, up to "
+                                 f"30 days (for example '1h').",
                                  param="completion_window", code="invalid_value")
         _check_metadata(metadata)
         now = self._now()

@@ -1,0 +1,141 @@
+"""Shared fixtures: clean environment, databases (SQLite and real PostgreSQL), servers."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+#: The PostgreSQL server tests use; CI and dev machines have one with trust auth.
+PG_ADMIN_URL = os.environ.get("BATCHERY_TEST_PG_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+CI = bool(os.environ.get("CI"))
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No BATCHERY_* or OPENAI_* setting from the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith(("BATCHERY_", "OPENAI_")) and name != "BATCHERY_TEST_PG_URL":
+            monkeypatch.delenv(name, raising=False)
+
+
+def _pg_available() -> bool:
+    try:
+        engine = sa.create_engine(PG_ADMIN_URL)
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[sa.Engine]:
+    if not _pg_available():
+        if CI:
+            pytest.fail(f"PostgreSQL is required in CI but {PG_ADMIN_URL} is unreachable")
+        pytest.skip("PostgreSQL is not reachable")
+    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_admin: sa.Engine) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    name = f"batchery_test_{secrets.token_hex(6)}"
+    with pg_admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with pg_admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'batchery.db'}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A `batchery serve` subprocess."""
+
+    base_url: str
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+                 name: str = "server") -> Server:
+    port = free_port()
+    data_dir = tmp_path / f"{name}-data"
+    log_path = tmp_path / f"{name}.log"
+    cmd = [sys.executable, "-m", "batchery", "serve", "--port", str(port),
+           "--data-dir", str(data_dir), *args]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
+    server = Server(base_url=f"http://127.0.0.1:{port}", data_dir=data_dir, process=process,
+                    log_path=log_path, args=list(args))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log()}")
+        try:
+            if httpx.get(server.base_url + "/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server did not start:\n{server.log()}")
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[Server] = []
+
+    def factory(*args: str, env: dict[str, str] | None = None, name: str = "server") -> Server:
+        server = start_server(tmp_path, *args, env=env, name=f"{name}{len(started)}")
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()

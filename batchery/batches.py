@@ -14,6 +14,11 @@ SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embedding
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW_S = 30 * 86400
+#: Default for the most requests a batch may hold. OpenAI allows 50,000; our memory use does
+#: not grow with the batch, so we allow far more.
+DEFAULT_MAX_TASKS = 10_000_000
+#: Requests per chunk unless configured otherwise.
+DEFAULT_CHUNK_SIZE = 1000
 #: How many line errors a failed validation reports at most.
 MAX_REPORTED_ERRORS = 100
 
@@ -27,7 +32,7 @@ def window_seconds(window: str) -> int | None:
     return seconds if seconds <= MAX_WINDOW_S else None
 
 
-class BatchStatus(str, enum.Enum):
+class BatchStatus(enum.StrEnum):
     VALIDATING = "validating"  #: the input file is being checked
     FAILED = "failed"  #: the input was invalid, or the batch could not run
     IN_PROGRESS = "in_progress"  #: chunks are being run by workers
@@ -51,7 +56,7 @@ PHASE_STATUSES = frozenset({BatchStatus.VALIDATING, BatchStatus.FINALIZING,
                             BatchStatus.CANCELLING})
 
 
-class EndReason(str, enum.Enum):
+class EndReason(enum.StrEnum):
     """Why a batch is finalizing: this picks its terminal status."""
 
     DONE = "done"
@@ -105,3 +110,7 @@ class Batch:
     end_reason: EndReason | None = None
     #: The blob the batch reads, fixed at validation so that deleting the file is safe.
     input_key: str | None = None
+    #: Requests per chunk and the most requests allowed: the rules of the server that
+    #: accepted the batch, whichever worker validates it.
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_tasks: int = DEFAULT_MAX_TASKS

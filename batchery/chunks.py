@@ -5,15 +5,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-#: Requests per chunk unless configured otherwise.
-DEFAULT_CHUNK_SIZE = 1000
 #: How long a claim lasts without a heartbeat, in seconds.
 DEFAULT_LEASE_S = 30.0
 #: A chunk that lost its worker or raised this many times is failed for good.
 DEFAULT_MAX_ATTEMPTS = 5
 
 
-class ChunkState(str, enum.Enum):
+class ChunkState(enum.StrEnum):
     QUEUED = "queued"  #: waiting for a worker
     LEASED = "leased"  #: a worker holds it under a lease
     DONE = "done"  #: results committed

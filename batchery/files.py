@@ -14,7 +14,7 @@ MIN_EXPIRES_AFTER_S = 3600
 MAX_EXPIRES_AFTER_S = 30 * 86400
 
 
-class Purpose(str, enum.Enum):
+class Purpose(enum.StrEnum):
     BATCH = "batch"
     BATCH_OUTPUT = "batch_output"
 

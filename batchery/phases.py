@@ -7,7 +7,6 @@ import contextlib
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import IO
 
 import orjson
@@ -16,8 +15,8 @@ from batchery import ids, validation
 from batchery.batches import Batch, BatchError, BatchStatus, EndReason
 from batchery.chunks import Chunk, ChunkState
 from batchery.execution import error_line, split_lines
-from batchery.filestore import FileStore
 from batchery.files import FileRecord, Purpose
+from batchery.filestore import FileStore
 from batchery.store import PhaseLease, Store
 
 _COPY_BUFFER = 1 << 20
@@ -25,12 +24,6 @@ _COPY_BUFFER = 1 << 20
 
 class LeaseLost(Exception):
     """The phase lease was lost (or the batch changed status) while working."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Limits:
-    chunk_size: int
-    max_tasks: int
 
 
 def _checked(lines: Iterator[tuple[int, bytes]], lost: Callable[[], bool],
@@ -47,7 +40,7 @@ def _reading(files: FileStore, key: str) -> Iterator[IO[bytes]]:
         yield stream
 
 
-def validate(store: Store, files: FileStore, lease: PhaseLease, limits: Limits,
+def validate(store: Store, files: FileStore, lease: PhaseLease,
              lost: Callable[[], bool]) -> None:
     batch = lease.batch
     record = store.get_file(batch.project, batch.input_file_id)
@@ -67,8 +60,8 @@ def validate(store: Store, files: FileStore, lease: PhaseLease, limits: Limits,
     with _reading(files, record.storage_key) as stream:
         report = validation.validate(
             _checked(validation.iter_lines(stream), lost), endpoint=batch.endpoint,
-            model_known=known.__contains__, max_tasks=limits.max_tasks,
-            chunk_size=limits.chunk_size, reread=reread)
+            model_known=known.__contains__, max_tasks=batch.max_tasks,
+            chunk_size=batch.chunk_size, reread=reread)
     now = int(time.time())
     if not report.ok:
         store.fail_batch(lease, report.errors, now)

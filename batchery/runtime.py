@@ -36,4 +36,5 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
         store.set_deployments(items)
     files = FsspecFileStore(settings.file_store_url)
     return Runtime(settings=settings, store=store, files=files,
-                   service=BatchService(store, files))
+                   service=BatchService(store, files, chunk_size=settings.chunk_size,
+                                        max_tasks=settings.max_tasks))

@@ -8,10 +8,16 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from batchery import ids
-from batchery.batches import SUPPORTED_ENDPOINTS, Batch, BatchStatus, window_seconds
+from batchery.batches import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_TASKS,
+    SUPPORTED_ENDPOINTS,
+    Batch,
+    BatchStatus,
+    window_seconds,
+)
 from batchery.deployments import Deployment
 from batchery.exceptions import InvalidRequest, NotFound
-from batchery.filestore import FileStore
 from batchery.files import (
     BATCH_FILE_TTL_S,
     MAX_EXPIRES_AFTER_S,
@@ -19,6 +25,7 @@ from batchery.files import (
     UPLOAD_PURPOSES,
     FileRecord,
 )
+from batchery.filestore import FileStore
 from batchery.store import Page, Store
 
 _COPY_BUFFER = 1 << 20
@@ -31,10 +38,13 @@ def _quoted_list(values: Sequence[str]) -> str:
 
 
 class BatchService:
-    def __init__(self, store: Store, files: FileStore,
+    def __init__(self, store: Store, files: FileStore, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, max_tasks: int = DEFAULT_MAX_TASKS,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.files = files
+        self.chunk_size = chunk_size
+        self.max_tasks = max_tasks
         self.clock = clock
 
     def _now(self) -> int:
@@ -113,7 +123,7 @@ class BatchService:
         batch = Batch(id=ids.batch_id(), project=project, endpoint=endpoint,
                       input_file_id=input_file_id, completion_window=completion_window,
                       status=BatchStatus.VALIDATING, created_at=now, expires_at=now + window,
-                      metadata=metadata)
+                      metadata=metadata, chunk_size=self.chunk_size, max_tasks=self.max_tasks)
         self.store.insert_batch(batch)
         return batch
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchery.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS
+from batchery.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
+from batchery.chunks import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS
 from batchery.stores.sql.engine import sqlite_url
-from batchery.worker import DEFAULT_MAX_TASKS, WorkerConfig
+from batchery.worker import WorkerConfig
 
 DEFAULT_DATA_DIR = Path("data")
 
@@ -37,5 +38,4 @@ class Settings:
         return self.files_url or str(self.data_dir.resolve() / "files")
 
     def worker_config(self) -> WorkerConfig:
-        return WorkerConfig(lease_s=self.lease_s, max_attempts=self.max_attempts,
-                            chunk_size=self.chunk_size, max_tasks=self.max_tasks)
+        return WorkerConfig(lease_s=self.lease_s, max_attempts=self.max_attempts)

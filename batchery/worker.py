@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from batchery import backends, execution, phases
 from batchery.backend import ModelBackend
 from batchery.batches import BatchStatus
-from batchery.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, ChunkLease
+from batchery.chunks import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, ChunkLease
 from batchery.chunks import ChunkResult as Result
 from batchery.filestore import FileStore
 from batchery.heartbeat import Heartbeat
@@ -30,11 +30,6 @@ from batchery.retry import RetryPolicy
 from batchery.store import PhaseLease, Store, WorkerInfo
 
 log = logging.getLogger("batchery.worker")
-
-#: Default for the most requests a batch may hold. OpenAI allows 50,000; our memory use does
-#: not grow with the batch, so we allow far more.
-DEFAULT_MAX_TASKS = 10_000_000
-
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
@@ -44,8 +39,6 @@ class WorkerConfig:
     #: How often to reap lost leases, expire batches and report this worker, in seconds.
     housekeeping_s: float = 1.0
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    max_tasks: int = DEFAULT_MAX_TASKS
     #: After a stop is asked for, how long the chunk in hand may still run, in seconds.
     grace_s: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -142,9 +135,7 @@ class Worker:
         try:
             with heartbeat:
                 if batch.status is BatchStatus.VALIDATING:
-                    limits = phases.Limits(chunk_size=self.config.chunk_size,
-                                           max_tasks=self.config.max_tasks)
-                    phases.validate(self.store, self.files, lease, limits, lambda: heartbeat.lost)
+                    phases.validate(self.store, self.files, lease, lambda: heartbeat.lost)
                 else:
                     phases.finalize(self.store, self.files, lease, lambda: heartbeat.lost)
         except phases.LeaseLost:

@@ -6,9 +6,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from batchery.api.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from batchery.api.responses import JSONResponse
 from batchery.exceptions import Conflict, InvalidRequest, NotFound, Unauthorized
 
 log = logging.getLogger("batchery.api")

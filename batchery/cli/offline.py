@@ -16,8 +16,7 @@ import orjson
 import typer
 from rich.console import Console
 
-from batchery.batches import Batch
-from batchery.chunks import DEFAULT_CHUNK_SIZE
+from batchery.batches import DEFAULT_CHUNK_SIZE, Batch
 from batchery.cli.options import ChunkSize
 from batchery.cli.progress import BatchProgress
 from batchery.exceptions import ConfigError

@@ -17,12 +17,13 @@ import typer
 from rich.console import Console
 
 from batchery import auth
-from batchery.chunks import DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_S
+from batchery.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
+from batchery.chunks import DEFAULT_LEASE_S
 from batchery.cli.options import ChunkSize, DatabaseUrl, DataDir, FilesUrl, LeaseSeconds, MaxTasks
 from batchery.exceptions import ConfigError
 from batchery.runtime import open_runtime
 from batchery.settings import DEFAULT_DATA_DIR, Settings
-from batchery.worker import DEFAULT_MAX_TASKS, Worker
+from batchery.worker import Worker
 
 console = Console(stderr=True)
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
@@ -106,8 +107,7 @@ class WorkerPool:
     def _command(self) -> list[str]:
         s = self.settings
         cmd = [sys.executable, "-m", "batchery", "worker", "--data-dir", str(s.data_dir),
-               "--chunk-size", str(s.chunk_size), "--lease-seconds", str(s.lease_s),
-               "--max-tasks", str(s.max_tasks), "--log-level", self.log_level]
+               "--lease-seconds", str(s.lease_s), "--log-level", self.log_level]
         if s.database_url:
             cmd += ["--database-url", s.database_url]
         if s.files_url:
@@ -145,9 +145,7 @@ def worker(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     database_url: DatabaseUrl = None,
     files_url: FilesUrl = None,
-    chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE,
     lease_seconds: LeaseSeconds = DEFAULT_LEASE_S,
-    max_tasks: MaxTasks = DEFAULT_MAX_TASKS,
     grace_seconds: Annotated[float, typer.Option(
         help="After SIGTERM, how long the chunk in hand may run before it is "
              "handed back.")] = 30.0,
@@ -158,7 +156,7 @@ def worker(
 
     _logging(log_level)
     settings = Settings(data_dir=data_dir, database_url=database_url, files_url=files_url,
-                        chunk_size=chunk_size, lease_s=lease_seconds, max_tasks=max_tasks)
+                        lease_s=lease_seconds)
     runtime = open_runtime(settings)
     config = dataclasses.replace(settings.worker_config(), grace_s=grace_seconds)
     the_worker = Worker(runtime.store, runtime.files, config)

@@ -388,7 +388,8 @@ _BATCH_FIELDS = ("id", "project", "endpoint", "input_file_id", "completion_windo
                  "output_file_id", "error_file_id", "created_at", "expires_at",
                  "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
                  "cancelling_at", "cancelled_at", "total", "completed", "failed",
-                 "input_tokens", "output_tokens", "metadata", "input_key")
+                 "input_tokens", "output_tokens", "metadata", "input_key",
+                 "chunk_size", "max_tasks")
 
 
 def _batch_row(batch: Batch) -> dict[str, Any]:

@@ -39,6 +39,8 @@ def upgrade() -> None:
         sa.Column("input_file_id", sa.String(64), nullable=False),
         sa.Column("input_key", sa.String(512), nullable=True),
         sa.Column("completion_window", sa.String(16), nullable=False),
+        sa.Column("chunk_size", sa.Integer, nullable=False, server_default="1000"),
+        sa.Column("max_tasks", sa.BigInteger, nullable=False, server_default="10000000"),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("end_reason", sa.String(16), nullable=True),
         sa.Column("model", sa.String(256), nullable=True),

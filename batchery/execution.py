@@ -98,7 +98,7 @@ async def call_with_retry(backend: ModelBackend, endpoint: str, requests: Sequen
     pending = [i for i, r in enumerate(replies) if r.retriable]
     attempt = 1
     while pending and policy.should_retry(attempt):
-        hints = [replies[i].retry_after for i in pending if replies[i].retry_after is not None]
+        hints = [h for i in pending if (h := replies[i].retry_after) is not None]
         await asyncio.sleep(policy.delay(attempt, max(hints) if hints else None))
         attempt += 1
         again = await backend.infer(endpoint, [requests[i] for i in pending])

@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 from batchery import backends, execution, phases
 from batchery.backend import ModelBackend
@@ -64,7 +65,7 @@ class Worker:
         self._stop_asked_at: float | None = None
         self._backends: dict[str, ModelBackend] = {}
         self._runner = asyncio.Runner()
-        self._task: asyncio.Task[execution.ChunkOutput] | None = None
+        self._task: asyncio.Task[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_housekeeping = 0.0
 
@@ -181,7 +182,7 @@ class Worker:
     async def _execute_async(self, lease: ChunkLease, lines: list[bytes]
                              ) -> execution.ChunkOutput:
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()  # type: ignore[assignment]
+        self._task = asyncio.current_task()
         try:
             return await execution.run_chunk(lines, lease.endpoint, self._backend,
                                              self.config.retry)

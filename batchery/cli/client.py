@@ -76,10 +76,12 @@ def list_files(purpose: str | None = None, limit: int = 100, base_url: BaseUrl =
     """List files, newest first."""
     params: dict[str, Any] = {"limit": limit, **({"purpose": purpose} if purpose else {})}
     data = _request(base_url, api_key, "GET", "files", params=params)
-    table = Table("id", "filename", "purpose", "bytes", "created")
+    table = Table("filename", "purpose", "bytes", "created")
+    table.add_column("id", no_wrap=True, min_width=27)
     for f in data["data"]:
-        table.add_row(f["id"], f["filename"], f["purpose"], str(f["bytes"]),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f["created_at"])))
+        table.add_row(f["filename"], f["purpose"], str(f["bytes"]),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f["created_at"])),
+                      f["id"])
     console.print(table)
 
 
@@ -129,7 +131,10 @@ def list_batches(limit: int = 20, base_url: BaseUrl = DEFAULT_URL,
                  api_key: ApiKey = "batchery") -> None:
     """List batches, newest first."""
     data = _request(base_url, api_key, "GET", "batches", params={"limit": limit})
-    table = Table("id", "status", "endpoint", "total", "completed", "failed")
+    table = Table()
+    table.add_column("id", no_wrap=True, min_width=38)
+    for name in ("status", "endpoint", "total", "completed", "failed"):
+        table.add_column(name)
     for b in data["data"]:
         counts = b["request_counts"]
         table.add_row(b["id"], b["status"], b["endpoint"], str(counts["total"]),

@@ -14,15 +14,16 @@ def chat_line(custom_id: str, text: str = "hello", model: str = "echo",
             "body": {"model": model, "messages": [{"role": "user", "content": text}], **body}}
 
 
-def jsonl(lines: Iterable[dict[str, Any] | str | bytes]) -> bytes:
+def jsonl(lines: Iterable[Any]) -> bytes:
+    """One line per item: strings and bytes as they are, anything else as JSON."""
     out = bytearray()
     for line in lines:
-        if isinstance(line, dict):
-            out += orjson.dumps(line)
-        elif isinstance(line, str):
+        if isinstance(line, str):
             out += line.encode()
-        else:
+        elif isinstance(line, bytes):
             out += line
+        else:
+            out += orjson.dumps(line)
         out += b"\n"
     return bytes(out)
 

@@ -45,7 +45,8 @@ def _wait(client: OpenAI, batch_id: str, timeout: float) -> Any:
 def _ids(client: OpenAI, file_id: str | None) -> list[str]:
     if file_id is None:
         return []
-    return [orjson.loads(x)["custom_id"] for x in client.files.content(file_id).content.splitlines()]
+    content = client.files.content(file_id).content
+    return [orjson.loads(x)["custom_id"] for x in content.splitlines()]
 
 
 @pytest.mark.slow

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+
+from batchery import validation
+from tests.helpers import chat_file, chat_line, jsonl
+
+ENDPOINT = "/v1/chat/completions"
+
+
+def run(data: bytes, *, max_tasks: int = 1000, chunk_size: int = 10,
+        known: tuple[str, ...] = ("echo",), reread: bool = True) -> validation.Report:
+    return validation.validate(
+        validation.iter_lines(io.BytesIO(data)), endpoint=ENDPOINT,
+        model_known=set(known).__contains__, max_tasks=max_tasks, chunk_size=chunk_size,
+        reread=(lambda: validation.iter_lines(io.BytesIO(data))) if reread else None)
+
+
+def test_chunks_cover_every_request_by_byte_range() -> None:
+    data = chat_file(25)
+    report = run(data)
+    assert report.ok and report.total == 25 and report.models == {"echo"}
+    assert [c.n_lines for c in report.chunks] == [10, 10, 5]
+    assert [c.first_line for c in report.chunks] == [1, 11, 21]
+    assert report.chunks[0].start_offset == 0
+    assert report.chunks[-1].end_offset == len(data)
+    for before, after in zip(report.chunks, report.chunks[1:], strict=False):
+        assert before.end_offset == after.start_offset
+    sliced = data[report.chunks[1].start_offset:report.chunks[1].end_offset]
+    assert sliced.splitlines()[0].startswith(b'{"custom_id":"req-10"')
+
+
+def test_blank_lines_are_skipped_but_counted_for_line_numbers() -> None:
+    data = jsonl([chat_line("a"), "", "   ", "not json"])
+    report = run(data)
+    assert [(e.line, e.code) for e in report.errors] == [(4, "invalid_json_line")]
+
+
+def test_no_trailing_newline() -> None:
+    data = chat_file(3).rstrip(b"\n")
+    report = run(data)
+    assert report.ok and report.chunks[-1].end_offset == len(data)
+
+
+@pytest.mark.parametrize(("line", "code", "param"), [
+    ([1, 2], "invalid_request", None),
+    ({**chat_line("a"), "method": "GET"}, "invalid_request", "method"),
+    ({**chat_line("a"), "custom_id": 7}, "invalid_request", "custom_id"),
+    ({**chat_line("a"), "body": "text"}, "invalid_request", "body"),
+    ({**chat_line("a"), "url": "/v1/completions"}, "invalid_url", "url"),
+    (chat_line("a", stream=True), "streaming_unsupported", "body.stream"),
+    (chat_line("a", model="gpt-9"), "model_not_found", "body.model"),
+])
+def test_line_errors(line: Any, code: str, param: str | None) -> None:
+    report = run(jsonl([line]))
+    assert [(e.line, e.code, e.param) for e in report.errors] == [(1, code, param)]
+
+
+def test_error_report_is_capped_but_counts_everything() -> None:
+    report = run(b"nope\n" * 250)
+    assert report.error_count == 250 and len(report.errors) == 100
+
+
+def test_duplicates_are_confirmed_exactly() -> None:
+    data = jsonl([chat_line("a"), chat_line("b"), chat_line("a"), chat_line("a")])
+    assert [e.line for e in run(data).errors] == [3, 4]
+    assert [e.line for e in run(data, reread=False).errors] == [3, 4]
+
+
+def test_hash_collisions_are_not_reported_as_duplicates(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    monkeypatch.setattr(validation, "_custom_id_hash", lambda _: 42)  # everything collides
+    data = jsonl([chat_line("a"), chat_line("b"), chat_line("c"), chat_line("b")])
+    assert [(e.line, e.code) for e in run(data).errors] == [(4, "duplicate_custom_id")]
+
+
+def test_too_many_tasks_stops_early() -> None:
+    report = run(chat_file(50), max_tasks=20)
+    assert [e.code for e in report.errors] == ["too_many_tasks"]
+    assert "20" in report.errors[0].message
+
+
+def test_empty_file() -> None:
+    assert [e.code for e in run(b"").errors] == ["empty_file"]
+    assert [e.code for e in run(b"\n\n").errors] == ["empty_file"]
+
+
+def test_memory_per_line_is_a_hash_not_the_line() -> None:
+    data = chat_file(5000)
+    report = run(data, max_tasks=10_000, chunk_size=1000)
+    assert report.ok and len(report.chunks) == 5

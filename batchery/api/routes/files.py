@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import IO, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
@@ -16,8 +17,6 @@ from batchery.exceptions import InvalidRequest
 
 router = APIRouter()
 _BLOCK = 1 << 20
-#: Largest upload accepted, in bytes (the hosted API takes 512 MB; we stream, so allow more).
-MAX_UPLOAD_BYTES = 8 << 30
 
 
 def _field(form: Any, name: str) -> str | None:
@@ -82,10 +81,11 @@ def retrieve_file(file_id: str, project: Project, service: Service) -> Any:
 @router.get("/files/{file_id}/content")
 def file_content(file_id: str, project: Project, service: Service) -> StreamingResponse:
     record, stream = service.open_content(project, file_id)
+    # The filename is the uploader's: percent-encode it so it cannot break the header.
+    disposition = f"attachment; filename*=UTF-8''{quote(record.filename, safe='')}"
     return StreamingResponse(_blocks(stream), media_type="application/octet-stream",
                              headers={"Content-Length": str(record.bytes),
-                                      "Content-Disposition":
-                                          f'attachment; filename="{record.filename}"'})
+                                      "Content-Disposition": disposition})
 
 
 def _blocks(stream: IO[bytes]) -> Iterator[bytes]:

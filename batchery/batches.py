@@ -104,6 +104,8 @@ class Batch:
     total: int = 0
     completed: int = 0
     failed: int = 0
+    #: Of `failed`, the requests that never ran because the batch was cancelled or expired.
+    unrun: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     metadata: dict[str, str] | None = None

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from batchery import ids
+from batchery import anthropic, ids
 from batchery.backend import ModelBackend, Reply, Request, error_reply
 from batchery.retry import RetryPolicy
 
@@ -18,8 +18,23 @@ from batchery.retry import RetryPolicy
 BackendLookup = Callable[[str], Awaitable[ModelBackend | None]]
 
 
+#: Renders the result line of an answered request: `(custom_id, reply, model) -> line`.
+Render = Callable[[str, Reply, Any], bytes]
+
+
+def response_line(custom_id: str, reply: Reply, _model: Any = None) -> bytes:
+    """An OpenAI batch output line."""
+    return orjson.dumps({
+        "id": ids.request_line_id(), "custom_id": custom_id,
+        "response": {"status_code": reply.status_code, "request_id": ids.request_id(),
+                     "body": reply.body},
+        "error": None,
+    }) + b"\n"
+
+
 @dataclass(kw_only=True)
 class ChunkOutput:
+    render: Render = response_line
     out: bytearray = field(default_factory=bytearray)
     err: bytearray = field(default_factory=bytearray)
     n_ok: int = 0
@@ -27,8 +42,8 @@ class ChunkOutput:
     input_tokens: int = 0
     output_tokens: int = 0
 
-    def add(self, custom_id: str, reply: Reply) -> None:
-        line = response_line(custom_id, reply)
+    def add(self, custom_id: str, reply: Reply, model: Any = None) -> None:
+        line = self.render(custom_id, reply, model)
         if reply.ok:
             self.out += line
             self.n_ok += 1
@@ -45,15 +60,6 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) else 0
 
 
-def response_line(custom_id: str, reply: Reply) -> bytes:
-    return orjson.dumps({
-        "id": ids.request_line_id(), "custom_id": custom_id,
-        "response": {"status_code": reply.status_code, "request_id": ids.request_id(),
-                     "body": reply.body},
-        "error": None,
-    }) + b"\n"
-
-
 def error_line(custom_id: str, code: str, message: str) -> bytes:
     """A line for a request that never got an HTTP answer (cancelled, expired, failed)."""
     return orjson.dumps({"id": ids.request_line_id(), "custom_id": custom_id,
@@ -66,18 +72,27 @@ def split_lines(data: bytes) -> list[bytes]:
 
 async def run_chunk(lines: Sequence[bytes], endpoint: str, lookup: BackendLookup,
                     policy: RetryPolicy) -> ChunkOutput:
+    # Anthropic Messages lines run on chat backends: translated in, and rendered back out.
+    messages = endpoint == anthropic.MESSAGES_ENDPOINT
+    output = ChunkOutput(render=anthropic.result_line if messages else response_line)
     groups: dict[str, list[Request]] = {}
     for raw in lines:
         obj = orjson.loads(raw)
         body = obj["body"]
+        if messages:
+            try:
+                body = anthropic.to_chat(body)
+            except anthropic.ParamsError as exc:
+                output.add(obj["custom_id"], error_reply(400, str(exc)), body.get("model"))
+                continue
         groups.setdefault(body["model"], []).append(Request(custom_id=obj["custom_id"],
                                                             body=body))
-    results = await asyncio.gather(*(_run_group(model, requests, endpoint, lookup, policy)
+    target = anthropic.CHAT_ENDPOINT if messages else endpoint
+    results = await asyncio.gather(*(_run_group(model, requests, target, lookup, policy)
                                      for model, requests in groups.items()))
-    output = ChunkOutput()
-    for requests, replies in zip(groups.values(), results, strict=True):
+    for (model, requests), replies in zip(groups.items(), results, strict=True):
         for request, reply in zip(requests, replies, strict=True):
-            output.add(request.custom_id, reply)
+            output.add(request.custom_id, reply, model)
     return output
 
 

@@ -14,9 +14,15 @@ MIN_EXPIRES_AFTER_S = 3600
 MAX_EXPIRES_AFTER_S = 30 * 86400
 
 
+#: Files of Anthropic Message Batches: internal, never listed or served by `/v1/files`.
+INTERNAL_PURPOSE_PREFIX = "message_batch"
+
+
 class Purpose(enum.StrEnum):
     BATCH = "batch"
     BATCH_OUTPUT = "batch_output"
+    MESSAGE_BATCH = "message_batch"
+    MESSAGE_BATCH_RESULTS = "message_batch_results"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

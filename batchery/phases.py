@@ -11,7 +11,7 @@ from typing import IO
 
 import orjson
 
-from batchery import ids, validation
+from batchery import anthropic, ids, validation
 from batchery.batches import Batch, BatchError, BatchStatus, EndReason
 from batchery.chunks import Chunk, ChunkState
 from batchery.execution import error_line, split_lines
@@ -52,6 +52,9 @@ def validate(store: Store, files: FileStore, lease: PhaseLease,
                     f"does not have access to it.")], now)
         return
     known = {d.name for d in store.list_deployments()}
+    # Anthropic reports an unknown model per request (an errored result), not per batch.
+    model_known = (known.__contains__ if batch.endpoint != anthropic.MESSAGES_ENDPOINT
+                   else lambda _: True)
 
     def reread() -> Iterator[tuple[int, bytes]]:
         with _reading(files, record.storage_key) as again:
@@ -60,7 +63,7 @@ def validate(store: Store, files: FileStore, lease: PhaseLease,
     with _reading(files, record.storage_key) as stream:
         report = validation.validate(
             _checked(validation.iter_lines(stream), lost), endpoint=batch.endpoint,
-            model_known=known.__contains__, max_tasks=batch.max_tasks,
+            model_known=model_known, max_tasks=batch.max_tasks,
             chunk_size=batch.chunk_size, reread=reread)
     now = int(time.time())
     if not report.ok:
@@ -87,20 +90,30 @@ def finalize(store: Store, files: FileStore, lease: PhaseLease,
         store.abort_open_chunks(batch.id)
     chunks = store.list_chunks(batch.id)
     now = int(time.time())
-    output = _assemble(files, batch, "output", now,
-                       lambda out: _copy_parts(files, chunks, "out_key", out))
-    if lost():
-        raise LeaseLost
-    errors = _assemble(files, batch, "error", now,
-                       lambda out: _write_errors(files, batch, chunks, reason, out))
-    unrun = sum(c.spec.n_lines for c in chunks if c.state is not ChunkState.DONE)
-    completed = sum(c.n_ok for c in chunks)
-    failed = sum(c.n_err for c in chunks) + unrun
+    if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
+        # Anthropic batches have one results file holding every outcome.
+        def write_results(out: IO[bytes]) -> None:
+            _copy_parts(files, chunks, "out_key", out)
+            _write_errors(files, batch, chunks, reason, out)
+
+        output = _assemble(files, batch, "results", now, write_results)
+        errors = None
+    else:
+        output = _assemble(files, batch, "output", now,
+                           lambda out: _copy_parts(files, chunks, "out_key", out))
+        if lost():
+            raise LeaseLost
+        errors = _assemble(files, batch, "error", now,
+                           lambda out: _write_errors(files, batch, chunks, reason, out))
+    ended = [c for c in chunks if c.state is not ChunkState.DONE]
+    failed_lines = sum(c.n_err for c in chunks) + sum(c.spec.n_lines for c in ended)
     made = [r for r in (output, errors) if r is not None]
-    done = store.finish_batch(lease, outputs=made,
-                              output_file_id=output.id if output else None,
-                              error_file_id=errors.id if errors else None,
-                              completed=completed, failed=failed, now=int(time.time()))
+    done = store.finish_batch(
+        lease, outputs=made, output_file_id=output.id if output else None,
+        error_file_id=errors.id if errors else None,
+        completed=sum(c.n_ok for c in chunks), failed=failed_lines,
+        unrun=sum(c.spec.n_lines for c in ended if c.state is not ChunkState.FAILED),
+        now=int(time.time()))
     if not done:
         for record in made:
             files.delete(record.storage_key)
@@ -124,9 +137,11 @@ def _assemble(files: FileStore, batch: Batch, kind: str, now: int,
     if size == 0:
         files.delete(key)
         return None
+    purpose = (Purpose.MESSAGE_BATCH_RESULTS if batch.endpoint == anthropic.MESSAGES_ENDPOINT
+               else Purpose.BATCH_OUTPUT)
     return FileRecord(id=file_id, project=batch.project, filename=f"batch_{batch.id}_{kind}.jsonl",
-                      purpose=Purpose.BATCH_OUTPUT.value, bytes=size, created_at=now,
-                      expires_at=None, storage_key=key)
+                      purpose=purpose.value, bytes=size, created_at=now, expires_at=None,
+                      storage_key=key)
 
 
 def _copy_parts(files: FileStore, chunks: list[Chunk], attr: str, out: IO[bytes]) -> None:
@@ -143,15 +158,24 @@ def _write_errors(files: FileStore, batch: Batch, chunks: list[Chunk], reason: E
     for chunk in chunks:
         if chunk.state is ChunkState.DONE:
             continue
-        if chunk.state is ChunkState.FAILED:
-            code, message = "server_error", ("This request could not be executed: "
-                                             f"{_last_line(chunk.last_error)}")
-        else:
-            code, message = _UNRUN.get(reason, _UNRUN[EndReason.CANCELLED])
+        render = _unrun_renderer(batch, chunk, reason)
         data = files.read_range(batch.input_key or "", chunk.spec.start_offset,
                                 chunk.spec.end_offset)
         for raw in split_lines(data):
-            out.write(error_line(orjson.loads(raw)["custom_id"], code, message))
+            out.write(render(orjson.loads(raw)["custom_id"]))
+
+
+def _unrun_renderer(batch: Batch, chunk: Chunk, reason: EndReason) -> Callable[[str], bytes]:
+    """How to report the requests of a chunk that never ran to the end."""
+    failed = chunk.state is ChunkState.FAILED
+    detail = f"This request could not be executed: {_last_line(chunk.last_error)}"
+    if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
+        kind = "errored" if failed else ("expired" if reason is EndReason.EXPIRED
+                                         else "canceled")
+        return lambda custom_id: anthropic.unrun_line(custom_id, kind, detail)
+    code, message = ("server_error", detail) if failed else \
+        _UNRUN.get(reason, _UNRUN[EndReason.CANCELLED])
+    return lambda custom_id: error_line(custom_id, code, message)
 
 
 def _last_line(text: str | None) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from batchery import deployments
 from batchery.filestores.fsspec_store import FsspecFileStore
+from batchery.message_batches import MAX_REQUESTS, MessageBatchService
 from batchery.service import BatchService
 from batchery.settings import Settings
 from batchery.stores.sql.store import SqlStore
@@ -18,6 +19,7 @@ class Runtime:
     store: SqlStore
     files: FsspecFileStore
     service: BatchService
+    message_batches: MessageBatchService
 
     def close(self) -> None:
         self.store.close()
@@ -37,4 +39,7 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
     files = FsspecFileStore(settings.file_store_url)
     return Runtime(settings=settings, store=store, files=files,
                    service=BatchService(store, files, chunk_size=settings.chunk_size,
-                                        max_tasks=settings.max_tasks))
+                                        max_tasks=settings.max_tasks),
+                   message_batches=MessageBatchService(
+                       store, files, chunk_size=settings.chunk_size,
+                       max_requests=min(settings.max_tasks, MAX_REQUESTS)))

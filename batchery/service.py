@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from batchery import ids
+from batchery.anthropic import MESSAGES_ENDPOINT
 from batchery.batches import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_TASKS,
@@ -20,6 +21,7 @@ from batchery.deployments import Deployment
 from batchery.exceptions import InvalidRequest, NotFound
 from batchery.files import (
     BATCH_FILE_TTL_S,
+    INTERNAL_PURPOSE_PREFIX,
     MAX_EXPIRES_AFTER_S,
     MIN_EXPIRES_AFTER_S,
     UPLOAD_PURPOSES,
@@ -77,7 +79,8 @@ class BatchService:
 
     def get_file(self, project: str, file_id: str) -> FileRecord:
         record = self.store.get_file(project, file_id)
-        if record is None or (record.expires_at is not None and record.expires_at <= self._now()):
+        if record is None or record.purpose.startswith(INTERNAL_PURPOSE_PREFIX) or (
+                record.expires_at is not None and record.expires_at <= self._now()):
             raise NotFound(f"No such File object: {file_id}")
         return record
 
@@ -129,16 +132,18 @@ class BatchService:
 
     def get_batch(self, project: str, batch_id: str) -> Batch:
         batch = self.store.get_batch(project, batch_id)
-        if batch is None:
+        if batch is None or batch.endpoint == MESSAGES_ENDPOINT:
             raise NotFound(f"No batch found with id '{batch_id}'.")
         return batch
 
     def list_batches(self, project: str, *, after: str | None = None,
                      limit: int = 20) -> Page[Batch]:
         _check_limit(limit, 100)
-        return self.store.list_batches(project, after=after, limit=limit)
+        return self.store.list_batches(project, after=after, limit=limit,
+                                       exclude_endpoint=MESSAGES_ENDPOINT)
 
     def cancel_batch(self, project: str, batch_id: str) -> Batch:
+        self.get_batch(project, batch_id)
         return self.store.request_cancel(project, batch_id, self._now())
 
     def list_models(self) -> list[Deployment]:

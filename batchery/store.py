@@ -75,8 +75,14 @@ class BatchRecords(ABC):
     def get_batch(self, project: str | None, batch_id: str) -> Batch | None: ...
 
     @abstractmethod
-    def list_batches(self, project: str, *, after: str | None, limit: int) -> Page[Batch]:
-        """Newest first."""
+    def list_batches(self, project: str, *, after: str | None, limit: int,
+                     before: str | None = None, endpoint: str | None = None,
+                     exclude_endpoint: str | None = None) -> Page[Batch]:
+        """Newest first; `after` pages to older batches, `before` to newer ones."""
+
+    @abstractmethod
+    def delete_batch(self, project: str, batch_id: str) -> bool:
+        """Remove an ended batch's record; False if there was no such ended batch."""
 
     @abstractmethod
     def request_cancel(self, project: str, batch_id: str, now: int) -> Batch:
@@ -118,8 +124,9 @@ class PhaseQueue(ABC):
     @abstractmethod
     def finish_batch(self, lease: PhaseLease, *, outputs: Sequence[FileRecord],
                      output_file_id: str | None, error_file_id: str | None,
-                     completed: int, failed: int, now: int) -> bool:
-        """Record the result files and move the batch to its terminal status."""
+                     completed: int, failed: int, unrun: int, now: int) -> bool:
+        """Record the result files and move the batch to its terminal status. `unrun`
+        counts the requests (among `failed`) that never ran: cancelled or expired."""
 
 
 class ChunkQueue(ABC):

@@ -10,13 +10,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batchery import __version__, ids
 from batchery.api import errors
 from batchery.api.responses import JSONResponse
-from batchery.api.routes import batches, files, models
+from batchery.api.routes import batches, files, messages, models
 from batchery.auth import KeyRing
 from batchery.runtime import Runtime
 
 
 class RequestIdMiddleware:
-    """Tags every response with `x-request-id`, which the OpenAI SDK reads."""
+    """Tags every response with a request id: `x-request-id` is what the OpenAI SDK reads,
+    `request-id` what the Anthropic SDK reads."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -25,12 +26,15 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = ids.request_id().encode()
+        request_id = ids.request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = request_id.encode()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id)]
+                message["headers"] = [*message["headers"], (b"x-request-id", header),
+                                      (b"request-id", header)]
             await send(message)
 
         await self.app(scope, receive, send_with_id)
@@ -40,9 +44,10 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None) -> FastAPI:
     app = FastAPI(title="Batchery", version=__version__, default_response_class=JSONResponse)
     app.state.runtime = runtime
     app.state.service = runtime.service
+    app.state.message_batches = runtime.message_batches
     app.state.keys = keys or KeyRing.load(runtime.settings.keys_file)
     errors.install(app)
-    for module in (files, batches, models):
+    for module in (files, batches, models, messages):
         app.include_router(module.router, prefix="/v1")
 
     @app.get("/healthz", include_in_schema=False)

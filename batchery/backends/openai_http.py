@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -90,27 +91,35 @@ def _reply(response: httpx.Response) -> Reply:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:
         body = None
+    status = response.status_code
     if not isinstance(body, dict):
         text = response.text[:1000]
-        body = {"error": {"message": f"The upstream answered {response.status_code} with a "
+        body = {"error": {"message": f"The upstream answered {status} with a "
                                      f"body that is not a JSON object: {text!r}",
                           "type": "server_error", "param": None, "code": "invalid_upstream_body"}}
-    retriable = response.status_code in _RETRIABLE_STATUS
-    return Reply(status_code=response.status_code, body=body, retriable=retriable,
+        if 200 <= status < 300:
+            status = 502  # no usable answer: an error line, not an output line
+    retriable = status in _RETRIABLE_STATUS
+    return Reply(status_code=status, body=body, retriable=retriable,
                  retry_after=_retry_after(response.headers) if retriable else None)
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
     if (ms := headers.get("retry-after-ms")) is not None:
         try:
-            return float(ms) / 1000.0
+            if math.isfinite(seconds := float(ms) / 1000.0):
+                return seconds
         except ValueError:
             pass
     value = headers.get("retry-after")
     if value is None:
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None  # a header we cannot read: fall back to the retry policy's backoff
+        return max(0.0, parsed.timestamp() - time.time())
+    return seconds if math.isfinite(seconds) else None

@@ -20,7 +20,7 @@ from batchery.batches import (
 from batchery.chunks import Chunk, ChunkLease, ChunkResult, ChunkSpec, ChunkState
 from batchery.deployments import Deployment
 from batchery.exceptions import Conflict, NotFound
-from batchery.files import FileRecord
+from batchery.files import INTERNAL_PURPOSE_PREFIX, FileRecord
 from batchery.store import Page, PhaseLease, Store, WorkerInfo
 from batchery.stores.sql import engine as engines
 from batchery.stores.sql import migrate
@@ -63,6 +63,8 @@ class SqlStore(Store):
         query = files.select().where(files.c.project == project)
         if purpose:
             query = query.where(files.c.purpose == purpose)
+        else:
+            query = query.where(files.c.purpose.not_like(f"{INTERNAL_PURPOSE_PREFIX}%"))
         rows = self._page(query, files, after, limit, descending=order != "asc")
         return Page([_file(r) for r in rows[:limit]], len(rows) > limit)
 
@@ -104,19 +106,38 @@ class SqlStore(Store):
         row = conn.execute(query).mappings().first()
         return _batch(row) if row else None
 
-    def list_batches(self, project: str, *, after: str | None, limit: int) -> Page[Batch]:
+    def list_batches(self, project: str, *, after: str | None, limit: int,
+                     before: str | None = None, endpoint: str | None = None,
+                     exclude_endpoint: str | None = None) -> Page[Batch]:
         query = batches.select().where(batches.c.project == project)
+        if endpoint is not None:
+            query = query.where(batches.c.endpoint == endpoint)
+        if exclude_endpoint is not None:
+            query = query.where(batches.c.endpoint != exclude_endpoint)
+        if before:
+            # The page just newer than `before`: read upwards, then present newest first.
+            rows = self._page(query, batches, before, limit, descending=False)
+            return Page([_batch(r) for r in reversed(rows[:limit])], len(rows) > limit)
         rows = self._page(query, batches, after, limit, descending=True)
         return Page([_batch(r) for r in rows[:limit]], len(rows) > limit)
 
-    def _page(self, query: sa.Select[Any], table: sa.Table, after: str | None, limit: int,
+    def _page(self, query: sa.Select[Any], table: sa.Table, anchor_id: str | None, limit: int,
               *, descending: bool) -> list[RowMapping]:
-        if after:
-            anchor = sa.select(table.c.seq).where(table.c.id == after).scalar_subquery()
+        """Up to `limit + 1` rows past `anchor_id` (older if descending, else newer)."""
+        if anchor_id:
+            anchor = sa.select(table.c.seq).where(table.c.id == anchor_id).scalar_subquery()
             query = query.where(table.c.seq < anchor if descending else table.c.seq > anchor)
         query = query.order_by(table.c.seq.desc() if descending else table.c.seq.asc())
         with self.engine.begin() as conn:
             return list(conn.execute(query.limit(limit + 1)).mappings())
+
+    def delete_batch(self, project: str, batch_id: str) -> bool:
+        ended = [s.value for s in BatchStatus if s.is_terminal]
+        with self.engine.begin() as conn:
+            result = conn.execute(batches.delete().where(
+                batches.c.id == batch_id, batches.c.project == project,
+                batches.c.status.in_(ended)))
+            return result.rowcount == 1
 
     def request_cancel(self, project: str, batch_id: str, now: int) -> Batch:
         with self.engine.begin() as conn:
@@ -216,7 +237,7 @@ class SqlStore(Store):
 
     def finish_batch(self, lease: PhaseLease, *, outputs: Sequence[FileRecord],
                      output_file_id: str | None, error_file_id: str | None,
-                     completed: int, failed: int, now: int) -> bool:
+                     completed: int, failed: int, unrun: int, now: int) -> bool:
         reason = lease.batch.end_reason or EndReason.DONE
         status = reason.final_status
         stamp = {BatchStatus.COMPLETED: "completed_at", BatchStatus.CANCELLED: "cancelled_at",
@@ -224,7 +245,7 @@ class SqlStore(Store):
         with self.engine.begin() as conn:
             result = conn.execute(batches.update().where(self._phase_fence(lease)).values(
                 status=status.value, output_file_id=output_file_id,
-                error_file_id=error_file_id, completed=completed, failed=failed,
+                error_file_id=error_file_id, completed=completed, failed=failed, unrun=unrun,
                 lease_owner=None, lease_token=None, lease_expires_at=None, **{stamp: now}))
             if result.rowcount != 1:
                 return False
@@ -389,7 +410,7 @@ _BATCH_FIELDS = ("id", "project", "endpoint", "input_file_id", "completion_windo
                  "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
                  "cancelling_at", "cancelled_at", "total", "completed", "failed",
                  "input_tokens", "output_tokens", "metadata", "input_key",
-                 "chunk_size", "max_tasks")
+                 "chunk_size", "max_tasks", "unrun")
 
 
 def _batch_row(batch: Batch) -> dict[str, Any]:

@@ -1,0 +1,60 @@
+"""Rendering batches as Anthropic `MessageBatch` objects."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from batchery.batches import Batch, BatchStatus, EndReason
+from batchery.store import Page
+
+
+def rfc3339(seconds: int | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def processing_status(status: BatchStatus) -> str:
+    if status.is_terminal:
+        return "ended"
+    return "canceling" if status is BatchStatus.CANCELLING else "in_progress"
+
+
+def request_counts(batch: Batch) -> dict[str, int]:
+    if not batch.status.is_terminal:
+        # Requests count as processing until the whole batch has ended.
+        return {"processing": batch.total, "succeeded": 0, "errored": 0, "canceled": 0,
+                "expired": 0}
+    if batch.status is BatchStatus.FAILED:
+        return {"processing": 0, "succeeded": 0, "errored": batch.total, "canceled": 0,
+                "expired": 0}
+    expired = batch.unrun if batch.end_reason is EndReason.EXPIRED else 0
+    canceled = batch.unrun - expired
+    return {"processing": 0, "succeeded": batch.completed,
+            "errored": batch.failed - batch.unrun, "canceled": canceled, "expired": expired}
+
+
+def ended_at(batch: Batch) -> int | None:
+    return batch.completed_at or batch.cancelled_at or batch.expired_at or batch.failed_at
+
+
+def message_batch(batch: Batch, base_url: str) -> dict[str, Any]:
+    ended = batch.status.is_terminal
+    return {
+        "id": batch.id, "type": "message_batch",
+        "processing_status": processing_status(batch.status),
+        "request_counts": request_counts(batch),
+        "created_at": rfc3339(batch.created_at), "expires_at": rfc3339(batch.expires_at),
+        "ended_at": rfc3339(ended_at(batch)) if ended else None,
+        "cancel_initiated_at": rfc3339(batch.cancelling_at), "archived_at": None,
+        "results_url": (f"{base_url.rstrip('/')}/v1/messages/batches/{batch.id}/results"
+                        if ended else None),
+    }
+
+
+def page(items: Page[Batch], base_url: str) -> dict[str, Any]:
+    data = [message_batch(b, base_url) for b in items.items]
+    return {"data": data, "has_more": items.has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}

@@ -1,0 +1,78 @@
+"""`/v1/messages/batches`: Anthropic Message Batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import IO, Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
+
+from batchery.api import anthropic_wire as wire
+from batchery.api.deps import Project
+from batchery.exceptions import InvalidRequest
+from batchery.message_batches import MessageBatchService
+
+router = APIRouter()
+_BLOCK = 1 << 20
+
+
+def _service(request: Request) -> MessageBatchService:
+    service: MessageBatchService = request.app.state.message_batches
+    return service
+
+
+Service = Annotated[MessageBatchService, Depends(_service)]
+
+
+@router.post("/messages/batches")
+async def create(request: Request, project: Project, service: Service) -> Any:
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    batch = await run_in_threadpool(service.create, project, body.get("requests"))
+    return wire.message_batch(batch, str(request.base_url))
+
+
+@router.get("/messages/batches")
+def list_batches(request: Request, project: Project, service: Service,
+                 after_id: str | None = None, before_id: str | None = None,
+                 limit: int = 20) -> Any:
+    items = service.list(project, after_id=after_id, before_id=before_id, limit=limit)
+    return wire.page(items, str(request.base_url))
+
+
+@router.get("/messages/batches/{batch_id}")
+def retrieve(batch_id: str, request: Request, project: Project, service: Service) -> Any:
+    return wire.message_batch(service.get(project, batch_id), str(request.base_url))
+
+
+@router.post("/messages/batches/{batch_id}/cancel")
+def cancel(batch_id: str, request: Request, project: Project, service: Service) -> Any:
+    return wire.message_batch(service.cancel(project, batch_id), str(request.base_url))
+
+
+@router.delete("/messages/batches/{batch_id}")
+def delete(batch_id: str, project: Project, service: Service) -> Any:
+    service.delete(project, batch_id)
+    return {"id": batch_id, "type": "message_batch_deleted"}
+
+
+@router.get("/messages/batches/{batch_id}/results")
+def results(batch_id: str, project: Project, service: Service) -> StreamingResponse:
+    size, stream = service.open_results(project, batch_id)
+    return StreamingResponse(_blocks(stream), media_type="application/x-jsonl",
+                             headers={"Content-Length": str(size)})
+
+
+def _blocks(stream: IO[bytes] | None) -> Iterator[bytes]:
+    if stream is None:
+        return
+    with stream:
+        while block := stream.read(_BLOCK):
+            yield block

@@ -35,12 +35,13 @@ def message_batch_id() -> str:
 
 class MessageBatchService:
     def __init__(self, store: Store, files: FileStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 max_requests: int = MAX_REQUESTS,
+                 max_requests: int = MAX_REQUESTS, window_s: int = WINDOW_S,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.files = files
         self.chunk_size = chunk_size
         self.max_requests = max_requests
+        self.window_s = window_s
         self.clock = clock
 
     def create(self, project: str, requests: Any) -> Batch:
@@ -56,7 +57,7 @@ class MessageBatchService:
             expires_at=None, storage_key=key))
         batch = Batch(id=message_batch_id(), project=project, endpoint=MESSAGES_ENDPOINT,
                       input_file_id=file_id, completion_window="24h",
-                      status=BatchStatus.VALIDATING, created_at=now, expires_at=now + WINDOW_S,
+                      status=BatchStatus.VALIDATING, created_at=now, expires_at=now + self.window_s,
                       total=len(requests), chunk_size=self.chunk_size,
                       max_tasks=self.max_requests)
         self.store.insert_batch(batch)

@@ -42,4 +42,5 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
                                         max_tasks=settings.max_tasks),
                    message_batches=MessageBatchService(
                        store, files, chunk_size=settings.chunk_size,
-                       max_requests=min(settings.max_tasks, MAX_REQUESTS)))
+                       max_requests=min(settings.max_tasks, MAX_REQUESTS),
+                       window_s=settings.message_batch_window_s))

@@ -28,6 +28,8 @@ class Settings:
     lease_s: float = DEFAULT_LEASE_S
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     max_tasks: int = DEFAULT_MAX_TASKS
+    #: How long an Anthropic message batch may run before it expires, in seconds.
+    message_batch_window_s: int = 86_400
 
     @property
     def db_url(self) -> str:

@@ -63,6 +63,9 @@ def serve(
     chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE,
     lease_seconds: LeaseSeconds = DEFAULT_LEASE_S,
     max_tasks: MaxTasks = DEFAULT_MAX_TASKS,
+    message_batch_window: Annotated[int, typer.Option(
+        "--message-batch-window", envvar="BATCHERY_MESSAGE_BATCH_WINDOW", min=1,
+        help="Seconds before an Anthropic message batch expires (24 h as hosted).")] = 86_400,
     log_level: Annotated[str, typer.Option(envvar="BATCHERY_LOG_LEVEL")] = "info",
 ) -> None:
     """Run the HTTP API and a pool of worker processes."""
@@ -73,7 +76,8 @@ def serve(
     _logging(log_level)
     settings = Settings(data_dir=data_dir, database_url=database_url, files_url=files_url,
                         config=config, keys_file=keys_file, chunk_size=chunk_size,
-                        lease_s=lease_seconds, max_tasks=max_tasks)
+                        lease_s=lease_seconds, max_tasks=max_tasks,
+                        message_batch_window_s=message_batch_window)
     try:
         runtime = open_runtime(settings, publish_deployments=True)
         app = create_app(runtime)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
-from batchery import deployments
+from batchery import deployments, secrets
 from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.message_batches import MAX_REQUESTS, MessageBatchService
 from batchery.service import BatchService
@@ -35,7 +36,10 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
     if publish_deployments:
         items = (deployments.load(settings.config) if settings.config
                  else list(deployments.DEFAULT_DEPLOYMENTS))
-        store.set_deployments(items)
+        box = secrets.SecretBox.from_env()
+        store.set_deployments([
+            dataclasses.replace(d, options=secrets.seal_options(
+                d.options, box, f"deployment '{d.name}' options")) for d in items])
     files = FsspecFileStore(settings.file_store_url)
     return Runtime(settings=settings, store=store, files=files,
                    service=BatchService(store, files, chunk_size=settings.chunk_size,

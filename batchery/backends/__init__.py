@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from batchery import secrets
 from batchery.backend import ModelBackend
 from batchery.deployments import Deployment
 from batchery.exceptions import ConfigError
@@ -24,8 +25,9 @@ def create(deployment: Deployment) -> ModelBackend:
                           f"'{deployment.backend}' (known: {known})")
     module_name, class_name = target.split(":")
     cls: Any = getattr(importlib.import_module(module_name), class_name)
+    options = secrets.open_options(deployment.options, secrets.SecretBox.from_env())
     try:
-        backend: ModelBackend = cls(**deployment.options)
+        backend: ModelBackend = cls(**options)
     except TypeError as exc:
         raise ConfigError(f"deployment '{deployment.name}': bad options: {exc}") from exc
     return backend

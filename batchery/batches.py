@@ -116,3 +116,6 @@ class Batch:
     #: accepted the batch, whichever worker validates it.
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_tasks: int = DEFAULT_MAX_TASKS
+    #: For a batch handed whole to a provider's batch API: the deployment, the provider's
+    #: job object, and the polling state. None for batches Batchery runs itself.
+    remote: dict[str, Any] | None = None

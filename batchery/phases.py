@@ -7,13 +7,14 @@ import contextlib
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from typing import IO
+from typing import IO, Any
 
 import orjson
 
 from batchery import anthropic, ids, validation
 from batchery.batches import Batch, BatchError, BatchStatus, EndReason
 from batchery.chunks import Chunk, ChunkState
+from batchery.deployments import Deployment
 from batchery.execution import error_line, split_lines
 from batchery.files import FileRecord, Purpose
 from batchery.filestore import FileStore
@@ -40,8 +41,13 @@ def _reading(files: FileStore, key: str) -> Iterator[IO[bytes]]:
         yield stream
 
 
-def validate(store: Store, files: FileStore, lease: PhaseLease,
-             lost: Callable[[], bool]) -> None:
+#: The endpoints a deployment's backend accepts if it hands whole batches to a provider,
+#: else None.
+RemoteEndpoints = Callable[[str], "frozenset[str] | None"]
+
+
+def validate(store: Store, files: FileStore, lease: PhaseLease, lost: Callable[[], bool],
+             remote_endpoints: RemoteEndpoints = lambda _: None) -> None:
     batch = lease.batch
     record = store.get_file(batch.project, batch.input_file_id)
     now = int(time.time())
@@ -51,7 +57,8 @@ def validate(store: Store, files: FileStore, lease: PhaseLease,
             message=f"Cannot find file {batch.input_file_id}, or project '{batch.project}' "
                     f"does not have access to it.")], now)
         return
-    known = {d.name for d in store.list_deployments()}
+    deployments = {d.name: d for d in store.list_deployments()}
+    known = set(deployments)
     # Anthropic reports an unknown model per request (an errored result), not per batch.
     model_known = (known.__contains__ if batch.endpoint != anthropic.MESSAGES_ENDPOINT
                    else lambda _: True)
@@ -70,8 +77,31 @@ def validate(store: Store, files: FileStore, lease: PhaseLease,
         store.fail_batch(lease, report.errors, now)
         return
     model = next(iter(report.models)) if len(report.models) == 1 else None
+    remote = _remote_plan(batch, report.models, deployments, remote_endpoints)
+    if isinstance(remote, BatchError):
+        store.fail_batch(lease, [remote], now)
+        return
     store.start_batch(lease, total=report.total, model=model, input_key=record.storage_key,
-                      chunks=report.chunks, now=now)
+                      chunks=report.chunks, now=now, remote=remote)
+
+
+def _remote_plan(batch: Batch, models: set[str], deployments: dict[str, Deployment],
+                 remote_endpoints: RemoteEndpoints) -> dict[str, Any] | BatchError | None:
+    """The remote state of a batch handed to a provider, an error, or None to run it here."""
+    remote = {m: ends for m in models if m in deployments
+              and (ends := remote_endpoints(deployments[m].backend)) is not None}
+    if not remote:
+        return None
+    name, endpoints = next(iter(remote.items()))
+    if len(models) > 1:
+        return BatchError(code="mismatched_model", param="body.model",
+                          message=f"Every line must use the model '{name}': its deployment "
+                                  "hands the whole batch to a provider.")
+    if batch.endpoint not in endpoints:
+        return BatchError(code="invalid_url", param="url",
+                          message=f"The deployment '{name}' does not accept "
+                                  f"{batch.endpoint} batches.")
+    return new_remote_state(name, deployments[name].backend)
 
 
 _UNRUN = {
@@ -120,6 +150,42 @@ def finalize(store: Store, files: FileStore, lease: PhaseLease,
         raise LeaseLost
     files.delete_prefix(parts_prefix(batch.id))
     _drop_orphaned_input(store, files, batch)
+
+
+def finish_from_parts(store: Store, files: FileStore, lease: PhaseLease,
+                      out_keys: list[str], err_keys: list[str], *, completed: int,
+                      failed: int, unrun: int) -> None:
+    """End a batch whose result lines already sit in part files (a remote batch's)."""
+    batch = lease.batch
+    now = int(time.time())
+
+    def copy(keys: list[str]) -> Callable[[IO[bytes]], None]:
+        def write(out: IO[bytes]) -> None:
+            for key in keys:
+                with files.open_read(key) as part:
+                    shutil.copyfileobj(part, out, _COPY_BUFFER)
+        return write
+
+    if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
+        output, errors = _assemble(files, batch, "results", now, copy(out_keys + err_keys)), None
+    else:
+        output = _assemble(files, batch, "output", now, copy(out_keys))
+        errors = _assemble(files, batch, "error", now, copy(err_keys))
+    made = [r for r in (output, errors) if r is not None]
+    done = store.finish_batch(
+        lease, outputs=made, output_file_id=output.id if output else None,
+        error_file_id=errors.id if errors else None, completed=completed, failed=failed,
+        unrun=unrun, now=int(time.time()))
+    if not done:
+        for record in made:
+            files.delete(record.storage_key)
+        raise LeaseLost
+    files.delete_prefix(parts_prefix(batch.id))
+
+
+def new_remote_state(deployment: str, backend: str) -> dict[str, Any]:
+    return {"deployment": deployment, "backend": backend, "job": None, "poll_s": 1.0,
+            "cancel_sent": False, "failures": 0}
 
 
 def parts_prefix(batch_id: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from batchery.batches import Batch, BatchError
 from batchery.chunks import Chunk, ChunkLease, ChunkResult, ChunkSpec
@@ -96,19 +96,28 @@ class BatchRecords(ABC):
 class PhaseQueue(ABC):
     @abstractmethod
     def claim_phase(self, owner: str, lease_s: float) -> PhaseLease | None:
-        """Claim a batch that is validating, finalizing or cancelling and not leased."""
+        """Claim a batch that is validating, finalizing or cancelling, or a running remote
+        batch, whose lease is free (or whose `release_phase(retry_in=…)` delay is over)."""
 
     @abstractmethod
     def renew_phase(self, lease: PhaseLease, lease_s: float) -> bool:
         """Extend the lease; False if it was lost or the batch changed status."""
 
     @abstractmethod
-    def release_phase(self, lease: PhaseLease) -> None: ...
+    def release_phase(self, lease: PhaseLease, retry_in: float | None = None) -> None:
+        """Give the batch back; with `retry_in`, nobody claims it for that many seconds."""
 
     @abstractmethod
     def start_batch(self, lease: PhaseLease, *, total: int, model: str | None,
-                    input_key: str, chunks: Sequence[ChunkSpec], now: int) -> bool:
-        """validating -> in_progress, creating the chunks, in one transaction."""
+                    input_key: str, chunks: Sequence[ChunkSpec], now: int,
+                    remote: dict[str, Any] | None = None) -> bool:
+        """validating -> in_progress, creating the chunks (or, for a batch handed to a
+        provider, recording `remote` instead), in one transaction."""
+
+    @abstractmethod
+    def save_remote(self, lease: PhaseLease, remote: dict[str, Any], *, completed: int,
+                    failed: int) -> bool:
+        """Record a remote batch's provider job and live counts, fenced by the lease."""
 
     @abstractmethod
     def fail_batch(self, lease: PhaseLease, errors: Sequence[BatchError], now: int) -> bool:

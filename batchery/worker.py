@@ -20,9 +20,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchery import backends, execution, phases
+from batchery import backends, execution, phases, remote
 from batchery.backend import ModelBackend
-from batchery.batches import BatchStatus
+from batchery.batches import BatchError, BatchStatus
 from batchery.chunks import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, ChunkLease
 from batchery.chunks import ChunkResult as Result
 from batchery.filestore import FileStore
@@ -136,7 +136,10 @@ class Worker:
         try:
             with heartbeat:
                 if batch.status is BatchStatus.VALIDATING:
-                    phases.validate(self.store, self.files, lease, lambda: heartbeat.lost)
+                    phases.validate(self.store, self.files, lease, lambda: heartbeat.lost,
+                                    backends.remote_endpoints)
+                elif batch.remote is not None:
+                    self._advance_remote(lease)
                 else:
                     phases.finalize(self.store, self.files, lease, lambda: heartbeat.lost)
         except phases.LeaseLost:
@@ -144,6 +147,22 @@ class Worker:
         except Exception:
             log.exception("batch-level work on %s failed; it will be retried", batch.id)
             self.store.release_phase(lease)
+
+    def _advance_remote(self, lease: PhaseLease) -> None:
+        assert lease.batch.remote is not None
+        name = lease.batch.remote["deployment"]
+        deployment = next((d for d in self.store.list_deployments() if d.name == name), None)
+        if deployment is None:
+            self.store.fail_batch(lease, [BatchError(
+                code="model_not_found", param="body.model",
+                message=f"The deployment '{name}' is no longer configured.")],
+                int(time.time()))
+            return
+        backend = backends.create_remote(deployment)
+        try:
+            remote.advance(self.store, self.files, lease, backend)
+        finally:
+            backend.close()
 
     # -- chunks ------------------------------------------------------------------------
 

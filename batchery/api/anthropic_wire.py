@@ -50,6 +50,8 @@ def message_batch(batch: Batch, base_url: str) -> dict[str, Any]:
         "cancel_initiated_at": rfc3339(batch.cancelling_at), "archived_at": None,
         "results_url": (f"{base_url.rstrip('/')}/v1/messages/batches/{batch.id}/results"
                         if ended else None),
+        # Extension: the provider's job, for a batch handed to a provider's batch API.
+        "remote_job": batch.remote.get("job") if batch.remote else None,
     }
 
 

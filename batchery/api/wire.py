@@ -43,6 +43,8 @@ def batch_object(batch: Batch) -> dict[str, Any]:
         "request_counts": {"total": batch.total, "completed": batch.completed,
                            "failed": batch.failed},
         "usage": usage, "metadata": batch.metadata,
+        # Extension: the provider's job, for a batch handed to a provider's batch API.
+        "remote_job": batch.remote.get("job") if batch.remote else None,
     }
 
 

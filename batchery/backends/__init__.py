@@ -9,6 +9,7 @@ from batchery import secrets
 from batchery.backend import ModelBackend
 from batchery.deployments import Deployment
 from batchery.exceptions import ConfigError
+from batchery.remote import RemoteBatchBackend
 
 #: backend name -> "module:Class"
 REGISTRY = {
@@ -17,17 +18,44 @@ REGISTRY = {
 }
 
 
+#: Backends that hand a whole batch to a provider's batch API instead of running lines.
+REMOTE_REGISTRY = {
+    "openai_batch": "batchery.backends.remote_openai:OpenAIBatchBackend",
+    "anthropic_batch": "batchery.backends.remote_anthropic:AnthropicBatchBackend",
+}
+
+
+def remote_endpoints(backend: str) -> frozenset[str] | None:
+    """The endpoints a remote batch backend accepts; None for backends that run lines."""
+    target = REMOTE_REGISTRY.get(backend)
+    if target is None:
+        return None
+    module_name, class_name = target.split(":")
+    endpoints: frozenset[str] = getattr(importlib.import_module(module_name),
+                                        class_name).endpoints
+    return endpoints
+
+
+def create_remote(deployment: Deployment) -> RemoteBatchBackend:
+    backend: RemoteBatchBackend = _construct(deployment, REMOTE_REGISTRY[deployment.backend])
+    return backend
+
+
 def create(deployment: Deployment) -> ModelBackend:
     target = REGISTRY.get(deployment.backend)
     if target is None:
-        known = ", ".join(sorted(REGISTRY))
+        known = ", ".join(sorted(REGISTRY | REMOTE_REGISTRY))
         raise ConfigError(f"deployment '{deployment.name}': unknown backend "
                           f"'{deployment.backend}' (known: {known})")
+    backend: ModelBackend = _construct(deployment, target)
+    return backend
+
+
+def _construct(deployment: Deployment, target: str) -> Any:
     module_name, class_name = target.split(":")
     cls: Any = getattr(importlib.import_module(module_name), class_name)
     options = secrets.open_options(deployment.options, secrets.SecretBox.from_env())
     try:
-        backend: ModelBackend = cls(**options)
+        return cls(**options)
     except TypeError as exc:
         raise ConfigError(f"deployment '{deployment.name}': bad options: {exc}") from exc
-    return backend

@@ -23,7 +23,7 @@ from batchery.exceptions import Conflict, NotFound
 from batchery.files import INTERNAL_PURPOSE_PREFIX, FileRecord
 from batchery.store import Page, PhaseLease, Store, WorkerInfo
 from batchery.stores.sql import engine as engines
-from batchery.stores.sql import migrate
+from batchery.stores.sql import migrate, tables
 from batchery.stores.sql.tables import batches, chunks, deployments, files, workers
 
 _OPEN_CHUNK_STATES = (ChunkState.QUEUED.value, ChunkState.LEASED.value)
@@ -167,8 +167,12 @@ class SqlStore(Store):
 
     def claim_phase(self, owner: str, lease_s: float) -> PhaseLease | None:
         token = ids.lease_token()
+        needs_work = sa.or_(
+            batches.c.status.in_([s.value for s in PHASE_STATUSES]),
+            sa.and_(batches.c.status == BatchStatus.IN_PROGRESS.value,
+                    batches.c.remote.is_not(None)))
         candidate = (sa.select(batches.c.seq)
-                     .where(batches.c.status.in_([s.value for s in PHASE_STATUSES]),
+                     .where(needs_work,
                             sa.or_(batches.c.lease_expires_at.is_(None),
                                    batches.c.lease_expires_at < self._now))
                      .order_by(batches.c.seq).limit(1)
@@ -192,27 +196,37 @@ class SqlStore(Store):
                 lease_expires_at=self._now + lease_s))
             return result.rowcount == 1
 
-    def release_phase(self, lease: PhaseLease) -> None:
+    def release_phase(self, lease: PhaseLease, retry_in: float | None = None) -> None:
+        # A released lease that "expires" in the future doubles as a not-before time.
+        expires = self._now + retry_in if retry_in else None
         with self.engine.begin() as conn:
             conn.execute(batches.update().where(
                 batches.c.id == lease.batch.id, batches.c.lease_token == lease.token,
-            ).values(lease_owner=None, lease_token=None, lease_expires_at=None))
+            ).values(lease_owner=None, lease_token=None, lease_expires_at=expires))
+
+    def save_remote(self, lease: PhaseLease, remote: dict[str, Any], *, completed: int,
+                    failed: int) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(batches.update().where(self._phase_fence(lease)).values(
+                remote=remote, completed=completed, failed=failed))
+            return result.rowcount == 1
 
     def start_batch(self, lease: PhaseLease, *, total: int, model: str | None,
-                    input_key: str, chunks: Sequence[ChunkSpec], now: int) -> bool:
+                    input_key: str, chunks: Sequence[ChunkSpec], now: int,
+                    remote: dict[str, Any] | None = None) -> bool:
         with self.engine.begin() as conn:
             result = conn.execute(batches.update().where(self._phase_fence(lease)).values(
                 status=BatchStatus.IN_PROGRESS.value, in_progress_at=now, total=total,
-                model=model, input_key=input_key, lease_owner=None, lease_token=None,
-                lease_expires_at=None))
+                model=model, input_key=input_key, remote=remote, lease_owner=None,
+                lease_token=None, lease_expires_at=None))
             if result.rowcount != 1:
                 return False
             rows = [{"batch_id": lease.batch.id, "idx": c.index, "start_offset": c.start_offset,
                      "end_offset": c.end_offset, "first_line": c.first_line,
                      "n_lines": c.n_lines, "state": ChunkState.QUEUED.value}
                     for c in chunks]
-            if rows:
-                conn.execute(_chunks_insert(), rows)
+            if rows and remote is None:
+                conn.execute(tables.chunks.insert(), rows)  # `chunks` is the argument here
         return True
 
     def fail_batch(self, lease: PhaseLease, errors: Sequence[BatchError], now: int) -> bool:
@@ -389,10 +403,6 @@ class SqlStore(Store):
             return [WorkerInfo(**dict(r)) for r in rows]
 
 
-def _chunks_insert() -> sa.Insert:
-    return chunks.insert()
-
-
 def _file_row(record: FileRecord) -> dict[str, Any]:
     return {"id": record.id, "project": record.project, "filename": record.filename,
             "purpose": record.purpose, "bytes": record.bytes, "created_at": record.created_at,
@@ -410,7 +420,7 @@ _BATCH_FIELDS = ("id", "project", "endpoint", "input_file_id", "completion_windo
                  "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
                  "cancelling_at", "cancelled_at", "total", "completed", "failed",
                  "input_tokens", "output_tokens", "metadata", "input_key",
-                 "chunk_size", "max_tasks", "unrun")
+                 "chunk_size", "max_tasks", "unrun", "remote")
 
 
 def _batch_row(batch: Batch) -> dict[str, Any]:

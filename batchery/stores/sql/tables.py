@@ -51,6 +51,7 @@ batches = sa.Table(
     sa.Column("completed", sa.Integer, nullable=False, server_default="0"),
     sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
     sa.Column("unrun", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("remote", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("input_tokens", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("output_tokens", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("lease_owner", sa.String(128), nullable=True),

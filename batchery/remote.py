@@ -1,0 +1,211 @@
+"""Batches handed whole to a provider's batch API (OpenAI, Anthropic, or another Batchery).
+
+A remote batch has no chunks. A worker advances it one step at a time under the batch's
+phase lease: submit, then poll with growing intervals, forward a cancel or an expiry, and
+at the end copy the provider's results into our own files. Between steps the batch is
+released with a delay, so polling costs no worker time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+import orjson
+
+from batchery import anthropic, execution, phases
+from batchery.batches import Batch, BatchError, BatchStatus, EndReason
+from batchery.exceptions import BackendError
+from batchery.filestore import FileStore
+from batchery.store import PhaseLease, Store
+
+log = logging.getLogger("batchery.remote")
+
+FIRST_POLL_S = 1.0
+MAX_POLL_S = 30.0
+#: Consecutive provider errors after which the batch fails.
+MAX_FAILURES = 5
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Progress:
+    ended: bool
+    completed: int = 0
+    failed: int = 0
+    #: The provider refused the whole batch (its validation failed): the reasons.
+    errors: list[BatchError] | None = None
+
+
+class RemoteBatchBackend(ABC):
+    """A provider's batch API. Methods raise `BackendError` when the provider fails."""
+
+    #: The batch endpoints this provider accepts.
+    endpoints: frozenset[str] = frozenset()
+
+    @abstractmethod
+    def submit(self, batch: Batch, lines: Iterator[bytes]) -> dict[str, Any]:
+        """Upload the requests and create the provider's batch; returns its job object."""
+
+    @abstractmethod
+    def refresh(self, job: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def cancel(self, job: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def progress(self, job: dict[str, Any]) -> Progress: ...
+
+    @abstractmethod
+    def fetch(self, job: dict[str, Any], out: IO[bytes], err: IO[bytes]) -> None:
+        """Copy the results, as lines of our own format, into `out` (and `err`)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+def _stopping(batch: Batch) -> bool:
+    return batch.status is BatchStatus.CANCELLING or batch.status is BatchStatus.FINALIZING
+
+
+def advance(store: Store, files: FileStore, lease: PhaseLease,
+            backend: RemoteBatchBackend) -> None:
+    """Take one step with a remote batch."""
+    batch = lease.batch
+    assert batch.remote is not None
+    state = dict(batch.remote)
+    try:
+        if state["job"] is None:
+            if _stopping(batch):
+                _finish(store, files, lease, backend, None)
+                return
+            with files.open_read(batch.input_key or "") as stream:
+                state["job"] = backend.submit(batch, _request_lines(stream))
+        elif _stopping(batch) and not state["cancel_sent"]:
+            state["job"] = backend.cancel(state["job"])
+            state.update(cancel_sent=True, poll_s=FIRST_POLL_S)
+        else:
+            state["job"] = backend.refresh(state["job"])
+    except BackendError as exc:
+        _count_failure(store, lease, state, str(exc))
+        return
+    state["failures"] = 0
+    progress = backend.progress(state["job"])
+    if progress.errors is not None:
+        store.fail_batch(lease, progress.errors, int(time.time()))
+        return
+    wait = state["poll_s"]
+    if not progress.ended:
+        state["poll_s"] = min(wait * 2, MAX_POLL_S)
+    store.save_remote(lease, state, completed=progress.completed, failed=progress.failed)
+    if progress.ended:
+        _finish(store, files, lease, backend, state["job"])
+    else:
+        store.release_phase(lease, retry_in=wait)
+
+
+def _count_failure(store: Store, lease: PhaseLease, state: dict[str, Any],
+                   message: str) -> None:
+    state["failures"] = state.get("failures", 0) + 1
+    log.warning("batch %s: provider error %d/%d: %s", lease.batch.id, state["failures"],
+                MAX_FAILURES, message)
+    if state["failures"] >= MAX_FAILURES:
+        store.fail_batch(lease, [BatchError(code="remote_error", message=message)],
+                         int(time.time()))
+        return
+    store.save_remote(lease, state, completed=lease.batch.completed, failed=lease.batch.failed)
+    store.release_phase(lease, retry_in=min(FIRST_POLL_S * 2 ** state["failures"], MAX_POLL_S))
+
+
+def _request_lines(stream: IO[bytes]) -> Iterator[bytes]:
+    for line in stream:
+        if line.strip():
+            yield line
+
+
+def _finish(store: Store, files: FileStore, lease: PhaseLease, backend: RemoteBatchBackend,
+            job: dict[str, Any] | None) -> None:
+    """Copy the provider's results, report requests it never answered, and end the batch."""
+    batch = lease.batch
+    prefix = phases.parts_prefix(batch.id)
+    out_key, err_key = f"{prefix}/remote.out", f"{prefix}/remote.err"
+    with files.open_write(out_key) as out, files.open_write(err_key) as err:
+        if job is not None:
+            backend.fetch(job, out, err)
+    tally = _Tally(messages=batch.endpoint == anthropic.MESSAGES_ENDPOINT)
+    for key in (out_key, err_key):
+        with files.open_read(key) as stream:
+            tally.scan(stream)
+    reason = batch.end_reason or EndReason.DONE
+    if batch.status is BatchStatus.CANCELLING:
+        reason = EndReason.CANCELLED
+    missing_key = f"{prefix}/remote.missing"
+    with files.open_write(missing_key) as missing, \
+            files.open_read(batch.input_key or "") as source:
+        tally.write_missing(source, missing, reason)
+    phases.finish_from_parts(store, files, lease, [out_key], [err_key, missing_key],
+                             completed=tally.completed, failed=tally.failed,
+                             unrun=tally.unrun)
+
+
+class _Tally:
+    """Counts result lines by outcome, and remembers which custom_ids were answered (as
+    8-byte hashes, so memory stays small whatever the batch size)."""
+
+    def __init__(self, *, messages: bool) -> None:
+        self.messages = messages
+        self.completed = self.failed = self.unrun = 0
+        self._seen: list[int] = []
+        self._sorted: np.ndarray[Any, np.dtype[np.int64]] | None = None
+
+    def scan(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            if not raw.strip():
+                continue
+            line = orjson.loads(raw)
+            self._seen.append(hash(line["custom_id"]))
+            self._count(line)
+
+    def _count(self, line: dict[str, Any]) -> None:
+        if self.messages:
+            kind = line["result"]["type"]
+            ok, unrun = kind == "succeeded", kind in ("canceled", "expired")
+        else:
+            response, error = line.get("response") or {}, line.get("error") or {}
+            ok = 200 <= response.get("status_code", 0) < 300
+            unrun = error.get("code") in ("batch_cancelled", "batch_expired")
+        self.completed += ok
+        self.failed += not ok
+        self.unrun += unrun
+
+    def answered(self, custom_id: str) -> bool:
+        if self._sorted is None:
+            self._sorted = np.sort(np.array(self._seen, dtype=np.int64))
+        i = int(np.searchsorted(self._sorted, hash(custom_id)))
+        return i < len(self._sorted) and int(self._sorted[i]) == hash(custom_id)
+
+    def write_missing(self, source: IO[bytes], out: IO[bytes], reason: EndReason) -> None:
+        for raw in _request_lines(source):
+            custom_id = orjson.loads(raw)["custom_id"]
+            if self.answered(custom_id):
+                continue
+            out.write(self._missing_line(custom_id, reason))
+            self.failed += 1
+            self.unrun += reason is not EndReason.DONE
+
+    def _missing_line(self, custom_id: str, reason: EndReason) -> bytes:
+        if self.messages:
+            kind = {EndReason.CANCELLED: "canceled", EndReason.EXPIRED: "expired"}.get(
+                reason, "errored")
+            return anthropic.unrun_line(custom_id, kind, "The provider returned no result.")
+        code, message = {
+            EndReason.CANCELLED: ("batch_cancelled", "This request was not executed because "
+                                                     "the batch was cancelled."),
+            EndReason.EXPIRED: ("batch_expired", "This request could not be executed before "
+                                                 "the completion window expired."),
+        }.get(reason, ("server_error", "The provider returned no result for this request."))
+        return execution.error_line(custom_id, code, message)

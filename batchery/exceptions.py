@@ -48,4 +48,9 @@ class ConfigError(BatcheryError):
 
 
 class BackendError(BatcheryError):
-    """A model backend failed as a whole (not a single request)."""
+    """A model backend or provider failed as a whole (not a single request). `permanent`
+    errors (a refused credential, a rejected request) will not pass by trying again."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

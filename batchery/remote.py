@@ -91,7 +91,7 @@ def advance(store: Store, files: FileStore, lease: PhaseLease,
         else:
             state["job"] = backend.refresh(state["job"])
     except BackendError as exc:
-        _count_failure(store, lease, state, str(exc))
+        _count_failure(store, lease, state, str(exc), permanent=exc.permanent)
         return
     state["failures"] = 0
     progress = backend.progress(state["job"])
@@ -108,12 +108,12 @@ def advance(store: Store, files: FileStore, lease: PhaseLease,
         store.release_phase(lease, retry_in=wait)
 
 
-def _count_failure(store: Store, lease: PhaseLease, state: dict[str, Any],
-                   message: str) -> None:
+def _count_failure(store: Store, lease: PhaseLease, state: dict[str, Any], message: str,
+                   *, permanent: bool) -> None:
     state["failures"] = state.get("failures", 0) + 1
     log.warning("batch %s: provider error %d/%d: %s", lease.batch.id, state["failures"],
                 MAX_FAILURES, message)
-    if state["failures"] >= MAX_FAILURES:
+    if permanent or state["failures"] >= MAX_FAILURES:
         store.fail_batch(lease, [BatchError(code="remote_error", message=message)],
                          int(time.time()))
         return

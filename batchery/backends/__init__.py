@@ -15,6 +15,7 @@ from batchery.remote import RemoteBatchBackend
 REGISTRY = {
     "echo": "batchery.backends.echo:EchoBackend",
     "openai": "batchery.backends.openai_http:OpenAIBackend",
+    "http": "batchery.backends.http_template:HttpBackend",
 }
 
 

@@ -39,7 +39,7 @@ import httpx
 import orjson
 from jsonpath_ng import JSONPath
 from jsonpath_ng.exceptions import JSONPathError
-from jsonpath_ng.ext import parse as parse_jsonpath
+from jsonpath_ng.ext.parser import parse as parse_jsonpath
 
 from batchery.backend import ModelBackend, Reply, Request, error_reply
 from batchery.backends.openai_http import _reply

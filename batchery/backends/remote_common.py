@@ -26,8 +26,10 @@ def checked(response: httpx.Response) -> Any:
         except ValueError:
             raise BackendError(f"{response.request.method} {response.request.url.path}: the "
                                "provider answered with a body that is not JSON") from None
+    status = response.status_code
     raise BackendError(f"{response.request.method} {response.request.url.path}: the provider "
-                       f"answered {response.status_code}: {response.text[:500]}")
+                       f"answered {status}: {response.text[:500]}",
+                       permanent=400 <= status < 500 and status not in (408, 409, 429))
 
 
 def call(client: httpx.Client, method: str, url: str, **kwargs: Any) -> Any:

@@ -32,6 +32,9 @@ class KeyRing:
     def load(cls, path: Path | None) -> KeyRing:
         if path is None:
             return cls(None)
+        if not path.exists():
+            raise ConfigError(f"keys file {path} does not exist: create it with "
+                              f"`batchery keys create --project NAME --keys-file {path}`")
         return cls(read_keys_file(path))
 
     @property

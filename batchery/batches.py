@@ -49,8 +49,9 @@ class BatchStatus(enum.StrEnum):
 
 TERMINAL = frozenset({BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED,
                       BatchStatus.CANCELLED})
-#: Statuses a cancel moves to `cancelling`.
-CANCELLABLE = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING})
+#: Statuses a cancel moves to `cancelling`. A finalizing batch has run all it will run
+#: (or is expiring), so a cancel leaves it as it is.
+CANCELLABLE = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS})
 #: Statuses in which a worker has batch-level work to do (validate, or assemble results).
 PHASE_STATUSES = frozenset({BatchStatus.VALIDATING, BatchStatus.FINALIZING,
                             BatchStatus.CANCELLING})

@@ -27,6 +27,14 @@ class LeaseLost(Exception):
     """The phase lease was lost (or the batch changed status) while working."""
 
 
+def _blob_exists(files: FileStore, key: str) -> bool:
+    try:
+        files.size(key)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _checked(lines: Iterator[tuple[int, bytes]], lost: Callable[[], bool],
              every: int = 20_000) -> Iterator[tuple[int, bytes]]:
     for n, item in enumerate(lines):
@@ -51,7 +59,8 @@ def validate(store: Store, files: FileStore, lease: PhaseLease, lost: Callable[[
     batch = lease.batch
     record = store.get_file(batch.project, batch.input_file_id)
     now = int(time.time())
-    if record is None:
+    if record is None or (record.expires_at is not None and record.expires_at <= now) \
+            or not _blob_exists(files, record.storage_key):
         store.fail_batch(lease, [BatchError(
             code="invalid_request", param="file_id",
             message=f"Cannot find file {batch.input_file_id}, or project '{batch.project}' "

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from batchery import deployments, secrets
+from batchery import backends, deployments, secrets
 from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.message_batches import MAX_REQUESTS, MessageBatchService
 from batchery.service import BatchService
@@ -36,6 +36,8 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
     if publish_deployments:
         items = (deployments.load(settings.config) if settings.config
                  else list(deployments.DEFAULT_DEPLOYMENTS))
+        for deployment in items:
+            backends.check(deployment)
         box = secrets.SecretBox.from_env()
         store.set_deployments([
             dataclasses.replace(d, options=secrets.seal_options(

@@ -18,8 +18,9 @@ from batchery.exceptions import ConfigError
 
 #: Environment variable holding the key (any passphrase, or a Fernet key).
 KEY_ENV = "BATCHERY_SECRET_KEY"
-#: Option names whose values are credentials.
-SECRET_OPTIONS = frozenset({"api_key", "password", "token", "secret"})
+#: Option names (compared in lower case) whose values are credentials, headers included.
+SECRET_OPTIONS = frozenset({"api_key", "password", "token", "secret", "authorization",
+                            "x-api-key", "api-key", "proxy-authorization"})
 _SEALED = "$sealed"
 
 
@@ -44,9 +45,13 @@ class SecretBox:
                               "the key the server used") from None
 
 
+def _secret(name: str) -> bool:
+    return name.lower() in SECRET_OPTIONS
+
+
 def has_secrets(options: Any) -> bool:
     if isinstance(options, dict):
-        return any((k in SECRET_OPTIONS and isinstance(v, str)) or has_secrets(v)
+        return any((_secret(k) and isinstance(v, str)) or has_secrets(v)
                    for k, v in options.items())
     if isinstance(options, list):
         return any(has_secrets(v) for v in options)
@@ -58,7 +63,7 @@ def seal_options(options: Any, box: SecretBox | None, where: str) -> Any:
     if isinstance(options, dict):
         sealed: dict[str, Any] = {}
         for key, value in options.items():
-            if key in SECRET_OPTIONS and isinstance(value, str):
+            if _secret(key) and isinstance(value, str):
                 if box is None:
                     raise ConfigError(f"{where}.{key}: a credential in the config needs "
                                       f"{KEY_ENV} set, to be stored encrypted (or use "

@@ -91,7 +91,7 @@ class BatchService:
                                  code="invalid_value")
         _check_limit(limit, 10_000)
         return self.store.list_files(project, purpose=purpose, after=after, limit=limit,
-                                     order=order)
+                                     order=order, now=self._now())
 
     def open_content(self, project: str, file_id: str) -> tuple[FileRecord, IO[bytes]]:
         record = self.get_file(project, file_id)

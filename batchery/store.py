@@ -56,7 +56,8 @@ class FileRecords(ABC):
 
     @abstractmethod
     def list_files(self, project: str, *, purpose: str | None, after: str | None, limit: int,
-                   order: str) -> Page[FileRecord]: ...
+                   order: str, now: int | None = None) -> Page[FileRecord]:
+        """Files of `project`; with `now`, those not expired by then."""
 
     @abstractmethod
     def delete_file(self, project: str, file_id: str) -> FileRecord | None:
@@ -177,6 +178,10 @@ class Registry(ABC):
 
     @abstractmethod
     def list_workers(self) -> list[WorkerInfo]: ...
+
+    @abstractmethod
+    def counts(self) -> dict[str, dict[str, int]]:
+        """How many batches are in each status and chunks in each state, for metrics."""
 
 
 class Store(FileRecords, BatchRecords, PhaseQueue, ChunkQueue, Registry, ABC):

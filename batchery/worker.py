@@ -14,7 +14,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -45,8 +44,8 @@ class WorkerConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
-class _Shutdown(Exception):
-    """The chunk was handed back because the worker is stopping."""
+#: After batch-level work raised, how long before any worker tries it again, in seconds.
+PHASE_RETRY_S = 5.0
 
 
 class Worker:
@@ -61,8 +60,10 @@ class Worker:
             id=worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}",
             host=socket.gethostname(), pid=os.getpid(), state="starting",
             started_at=time.time())
-        self.stop_event = threading.Event()
+        # Plain attributes, not a threading.Event: stop() runs inside signal handlers, where
+        # taking the Event's lock can deadlock with the main thread.
         self._stop_asked_at: float | None = None
+        self._cancel_asked = False
         self._backends: dict[str, ModelBackend] = {}
         self._runner = asyncio.Runner()
         self._task: asyncio.Task[Any] | None = None
@@ -75,19 +76,27 @@ class Worker:
         """Finish (or, after the grace period, hand back) the work in hand, then exit."""
         if self._stop_asked_at is None:
             self._stop_asked_at = time.monotonic()
-        self.stop_event.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_asked_at is not None
 
     def run(self) -> None:
         log.info("worker %s started", self.info.id)
         try:
-            while not self.stop_event.is_set():
+            while not self.stopping:
                 if not self.run_once():
-                    self.stop_event.wait(self.config.poll_s)
+                    self._idle()
         finally:
             self._report("stopped", None)
             self._close_backends()
             self._runner.close()
             log.info("worker %s stopped", self.info.id)
+
+    def _idle(self) -> None:
+        deadline = time.monotonic() + self.config.poll_s
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.05, self.config.poll_s))
 
     def run_once(self) -> bool:
         """Do one piece of work if there is any; returns whether there was."""
@@ -145,8 +154,9 @@ class Worker:
         except phases.LeaseLost:
             log.info("batch %s changed while this worker worked on it; leaving it", batch.id)
         except Exception:
-            log.exception("batch-level work on %s failed; it will be retried", batch.id)
-            self.store.release_phase(lease)
+            log.exception("batch-level work on %s failed; it will be retried in %gs",
+                          batch.id, PHASE_RETRY_S)
+            self.store.release_phase(lease, retry_in=PHASE_RETRY_S)
 
     def _advance_remote(self, lease: PhaseLease) -> None:
         assert lease.batch.remote is not None
@@ -168,6 +178,7 @@ class Worker:
 
     def _run_chunk(self, lease: ChunkLease) -> None:
         self._report("running", f"{lease.batch_id}:{lease.spec.index}")
+        self._cancel_asked = False
         heartbeat = Heartbeat(lambda: self.store.renew_chunk(lease, self.config.lease_s),
                               self.config.lease_s / 3, on_lost=self._cancel_task,
                               overdue=self._overdue, on_overdue=self._cancel_task)
@@ -202,6 +213,8 @@ class Worker:
                              ) -> execution.ChunkOutput:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
+        if self._cancel_asked:  # the heartbeat asked before this task existed
+            raise asyncio.CancelledError
         try:
             return await execution.run_chunk(lines, lease.endpoint, self._backend,
                                              self.config.retry)
@@ -209,6 +222,7 @@ class Worker:
             self._task = None
 
     def _cancel_task(self) -> None:
+        self._cancel_asked = True
         loop, task = self._loop, self._task
         if loop is not None and task is not None:
             loop.call_soon_threadsafe(task.cancel)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchery import __version__, ids
-from batchery.api import errors
+from batchery.api import errors, metrics
 from batchery.api.responses import JSONResponse
 from batchery.api.routes import batches, files, messages, models
 from batchery.auth import KeyRing
@@ -40,8 +43,17 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(runtime: Runtime, keys: KeyRing | None = None) -> FastAPI:
-    app = FastAPI(title="Batchery", version=__version__, default_response_class=JSONResponse)
+def create_app(runtime: Runtime, keys: KeyRing | None = None,
+               on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Runs before the server exits, whatever stopped it (SIGTERM included).
+        if on_shutdown is not None:
+            await run_in_threadpool(on_shutdown)
+
+    app = FastAPI(title="Batchery", version=__version__, default_response_class=JSONResponse,
+                  lifespan=lifespan)
     app.state.runtime = runtime
     app.state.service = runtime.service
     app.state.message_batches = runtime.message_batches
@@ -54,5 +66,6 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None) -> FastAPI:
     def healthz() -> Any:
         return {"status": "ok", "version": __version__}
 
+    metrics.install(app, runtime.store)
     app.add_middleware(RequestIdMiddleware)
     return app

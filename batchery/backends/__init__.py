@@ -42,6 +42,15 @@ def create_remote(deployment: Deployment) -> RemoteBatchBackend:
     return backend
 
 
+def check(deployment: Deployment) -> None:
+    """Build the deployment's backend once and drop it: bad options fail at startup, not
+    when a worker first meets the model."""
+    if deployment.backend in REMOTE_REGISTRY:
+        create_remote(deployment).close()
+    else:
+        create(deployment)
+
+
 def create(deployment: Deployment) -> ModelBackend:
     target = REGISTRY.get(deployment.backend)
     if target is None:

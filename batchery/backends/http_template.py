@@ -50,6 +50,9 @@ _PLACEHOLDER = re.compile(r"\$(\$?)\{([^{}]*)\}")
 #: `name(.name|[index])*`, e.g. `body.messages[-1].content` or `body.input.0`.
 _PATH = re.compile(r"[^.\[\]\s]+(?:\.[^.\[\]\s]+|\[-?\d+\])*")
 _SEGMENT = re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: Characters no header value may carry (tab is allowed).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _ROOTS = ("body", "model", "custom_id", "credential")
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 #: Methods that send the line's body when the deployment gives no body template.
@@ -57,6 +60,8 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _EXCERPT = 300
 
 PostProcess = Callable[[str, dict[str, Any], Any], Any]
+#: What one request sends: URL, headers, body.
+_Prepared = tuple[str, dict[bytes, bytes], bytes | None]
 
 
 class _Missing(Exception):
@@ -79,9 +84,7 @@ class HttpBackend(ModelBackend):
         if self.method not in _METHODS:
             raise ConfigError(f"method: expected one of {', '.join(sorted(_METHODS))}, "
                               f"not {method!r}")
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"url: expected an http:// or https:// URL, not {url!r}")
-        self.url = url
+        self.url = _check_url(url)
         self.headers = _check_headers(headers or {})
         # No template: send the line's own body, as the upstream may speak OpenAI already.
         self.body = body if body is not None else (
@@ -110,7 +113,7 @@ class HttpBackend(ModelBackend):
             self._client = None
 
     async def infer(self, endpoint: str, requests: Sequence[Request]) -> list[Reply]:
-        if self._post_process is None and endpoint not in _WRAPPERS:
+        if self._jsonpath is not None and endpoint not in _WRAPPERS:
             # A jsonpath value can only be wrapped into the bodies we know how to build.
             reply = error_reply(404, f"This http deployment cannot answer {endpoint}: its "
                                      "jsonpath mapping builds chat, completion and "
@@ -146,7 +149,7 @@ class HttpBackend(ModelBackend):
             return _reply(response)  # a 2xx that is not JSON: a 502 quoting the text
         return self._map(endpoint, request.body, context["model"], data)
 
-    def _build(self, context: dict[str, Any]) -> tuple[str, dict[str, str], bytes | None] | Reply:
+    def _build(self, context: dict[str, Any]) -> _Prepared | Reply:
         try:
             url = _render_text(self.url, context, _percent_encode)
             headers = {name: _render_text(value, context)
@@ -159,21 +162,24 @@ class HttpBackend(ModelBackend):
                                code="missing_required_parameter")
         for name, value in headers.items():
             # A line break from the request would smuggle headers in; refuse the line.
-            if "\r" in value or "\n" in value:
-                return error_reply(400, f"The request puts a line break in the "
+            if _CONTROL.search(value):
+                return error_reply(400, f"The request puts a control character in the "
                                         f"'{name}' header of this deployment's template.")
-        if body is None:
-            return url, headers, None
-        if not any(name.lower() == "content-type" for name in headers):
+        if body is not None and not any(n.lower() == "content-type" for n in headers):
             headers["Content-Type"] = "application/json"
-        return url, headers, orjson.dumps(body)
+        # UTF-8 bytes: httpx would refuse a non-ASCII value (a custom_id such as "café").
+        encoded = {name.encode(): value.encode() for name, value in headers.items()}
+        return url, encoded, None if body is None else orjson.dumps(body)
 
-    async def _send(self, url: str, headers: dict[str, str],
+    async def _send(self, url: str, headers: dict[bytes, bytes],
                     content: bytes | None) -> httpx.Response | Reply:
         assert self._client is not None
         try:
             return await self._client.request(self.method, url, headers=headers,
                                               content=content)
+        except httpx.InvalidURL as exc:
+            return error_reply(400, f"The URL this deployment built for the request is not "
+                                    f"valid: {exc}")
         except httpx.TimeoutException:
             return error_reply(504, f"The upstream did not answer within "
                                     f"{self.timeout_s:g}s.", type_="timeout",
@@ -383,10 +389,26 @@ def _check_path(path: str, where: str, credential: dict[str, str]) -> None:
                               ) from None
 
 
+def _check_url(url: Any) -> str:
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"url: expected an http:// or https:// URL, not {url!r}")
+    try:
+        # Placeholders stand for percent-encoded text, so any plain word will do here.
+        parsed = httpx.URL(_PLACEHOLDER.sub("x", url))
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ConfigError(f"url: not a valid URL: {exc}") from exc
+    if not parsed.host or (port is not None and not 0 < port < 65536):
+        raise ConfigError(f"url: expected a host and a port from 1 to 65535 in {url!r}")
+    return url
+
+
 def _check_headers(headers: Any) -> dict[str, str]:
     if not isinstance(headers, dict):
         raise ConfigError("headers: expected a mapping of header names to strings")
     for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(f"headers: {name!r} is not a valid header name")
         if not isinstance(value, str):
             raise ConfigError(f"headers.{name}: expected a string (quote it in YAML)")
     return dict(headers)
@@ -417,7 +439,9 @@ def _resolve_credential(options: dict[str, Any]) -> dict[str, str]:
     return resolved
 
 
-def _response_mapping(options: dict[str, Any]) -> tuple[JSONPath | None, PostProcess | None]:
+def _response_mapping(options: Any) -> tuple[JSONPath | None, PostProcess | None]:
+    if not isinstance(options, dict):
+        raise ConfigError("response: expected a mapping such as {jsonpath: '$.embeddings'}")
     unknown = set(options) - {"jsonpath", "post_process"}
     if unknown:
         raise ConfigError(f"response: unknown key(s) {', '.join(sorted(unknown))} "

@@ -78,13 +78,13 @@ def serve(
                         config=config, keys_file=keys_file, chunk_size=chunk_size,
                         lease_s=lease_seconds, max_tasks=max_tasks,
                         message_batch_window_s=message_batch_window)
+    pool = WorkerPool(settings, _default_workers() if workers is None else workers, log_level)
     try:
         runtime = open_runtime(settings, publish_deployments=True)
-        app = create_app(runtime)
+        app = create_app(runtime, on_shutdown=pool.stop)
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    pool = WorkerPool(settings, _default_workers() if workers is None else workers, log_level)
     pool.start()
     names = ", ".join(d.name for d in runtime.store.list_deployments())
     console.print(f"Batchery on http://{host}:{port}/v1 with {pool.size} worker(s); "
@@ -108,6 +108,11 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="worker-pool", daemon=True)
 
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # The worker asks the kernel to SIGTERM it if this process dies, even by SIGKILL.
+        env = {**os.environ, POOL_PARENT_ENV: str(os.getpid())}
+        return subprocess.Popen(self._command(), env=env)
+
     def _command(self) -> list[str]:
         s = self.settings
         cmd = [sys.executable, "-m", "batchery", "worker", "--data-dir", str(s.data_dir),
@@ -119,7 +124,7 @@ class WorkerPool:
         return cmd
 
     def start(self) -> None:
-        self._procs = [subprocess.Popen(self._command()) for _ in range(self.size)]
+        self._procs = [self._spawn() for _ in range(self.size)]
         if self.size:
             self._watcher.start()
 
@@ -129,9 +134,11 @@ class WorkerPool:
                 if proc.poll() is not None and not self._stopping.is_set():
                     log.warning("worker pid %d exited with %s; starting another", proc.pid,
                                 proc.returncode)
-                    self._procs[i] = subprocess.Popen(self._command())
+                    self._procs[i] = self._spawn()
 
     def stop(self, grace_s: float = 35.0) -> None:
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         for proc in self._procs:
             if proc.poll() is None:
@@ -159,6 +166,7 @@ def worker(
     import dataclasses
 
     _logging(log_level)
+    _exit_with_pool_parent()
     settings = Settings(data_dir=data_dir, database_url=database_url, files_url=files_url,
                         lease_s=lease_seconds)
     runtime = open_runtime(settings)
@@ -174,6 +182,24 @@ def worker(
         the_worker.run()
     finally:
         runtime.close()
+
+
+#: Set by `batchery serve` for its workers: the pid of the serving process.
+POOL_PARENT_ENV = "BATCHERY_POOL_PARENT"
+_PR_SET_PDEATHSIG = 1
+
+
+def _exit_with_pool_parent() -> None:
+    """A pool worker stops (SIGTERM, so cleanly) when its `batchery serve` dies."""
+    parent = os.environ.get(POOL_PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @keys_app.command("create")

@@ -363,3 +363,12 @@ def test_auth_and_project_isolation(tmp_path: Path) -> None:
             assert len(lines_of(a, done.output_file_id)) == 3
     finally:
         server.stop()
+
+
+def test_metrics(client: OpenAI, server: Server) -> None:
+    wait(client, submit(client, chat_file(3)).id)
+    text = httpx.get(f"{server.base_url}/metrics").text
+    assert 'batchery_batches{status="completed"}' in text
+    assert 'batchery_chunks{state="queued"}' in text
+    assert 'batchery_workers{state="idle"}' in text or 'batchery_workers{state="running"}' in text
+    assert 'batchery_http_requests_total{method="POST",route="/v1/batches",status="200"}' in text

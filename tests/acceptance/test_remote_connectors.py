@@ -127,7 +127,7 @@ def test_openai_batch_is_run_by_the_provider(servers: tuple[Server, Server, str]
 
 def test_openai_cancel_is_forwarded(servers: tuple[Server, Server, str],
                                     recorder: Recorder) -> None:
-    ours, provider, key = servers
+    ours, _provider, key = servers
     with openai_client(ours, recorder) as client:
         f = client.files.create(file=chat_file(400, model="remote-gpt"), purpose="batch")
         batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",

@@ -34,6 +34,9 @@ class SqlStore(Store):
         self.engine = engine
         self._now = engines.db_now(engine)
         self._pg = engine.dialect.name == "postgresql"
+        # Whole Unix seconds, truncated like int(time.time()): PostgreSQL's cast rounds.
+        self._now_s = sa.cast(sa.func.floor(self._now) if self._pg else self._now,
+                              sa.BigInteger)
         if run_migrations:
             migrate.upgrade(engine)
 
@@ -59,8 +62,10 @@ class SqlStore(Store):
         return _file(row) if row else None
 
     def list_files(self, project: str, *, purpose: str | None, after: str | None, limit: int,
-                   order: str) -> Page[FileRecord]:
+                   order: str, now: int | None = None) -> Page[FileRecord]:
         query = files.select().where(files.c.project == project)
+        if now is not None:
+            query = query.where(sa.or_(files.c.expires_at.is_(None), files.c.expires_at > now))
         if purpose:
             query = query.where(files.c.purpose == purpose)
         else:
@@ -149,7 +154,8 @@ class SqlStore(Store):
             batch = self._get_batch(conn, project, batch_id)
         if batch is None:
             raise NotFound(f"No batch found with id '{batch_id}'.")
-        if batch.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+        if batch.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED,
+                                BatchStatus.FINALIZING):
             raise Conflict(f"Cannot cancel a batch with status '{batch.status.value}'.")
         return batch
 
@@ -328,7 +334,7 @@ class SqlStore(Store):
             batches.c.id == batch_id, batches.c.status == BatchStatus.IN_PROGRESS.value,
             ~still_open,
         ).values(status=BatchStatus.FINALIZING.value, end_reason=EndReason.DONE.value,
-                 finalizing_at=sa.cast(self._now, sa.BigInteger)))
+                 finalizing_at=self._now_s))
 
     def release_chunk(self, lease: ChunkLease, *, error: str | None, count_attempt: bool,
                       max_attempts: int, delay_s: float = 0.0) -> None:
@@ -396,6 +402,15 @@ class SqlStore(Store):
                                    .values(**values))
             if updated.rowcount == 0:
                 conn.execute(workers.insert().values(id=info.id, **values))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        with self.engine.begin() as conn:
+            by_status = conn.execute(sa.select(batches.c.status, sa.func.count())
+                                     .group_by(batches.c.status))
+            by_state = conn.execute(sa.select(chunks.c.state, sa.func.count())
+                                    .group_by(chunks.c.state))
+            return {"batches": {s: int(n) for s, n in by_status},
+                    "chunks": {s: int(n) for s, n in by_state}}
 
     def list_workers(self) -> list[WorkerInfo]:
         with self.engine.begin() as conn:

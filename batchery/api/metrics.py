@@ -1,0 +1,76 @@
+"""`/metrics` for Prometheus: queue and worker state read from the store at scrape time,
+and request counts by route."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.concurrency import run_in_threadpool
+
+from batchery.batches import BatchStatus
+from batchery.chunks import ChunkState
+from batchery.store import Store
+
+#: A worker whose last heartbeat is older than this counts as gone, in seconds.
+STALE_WORKER_S = 60.0
+
+
+class StoreCollector(Collector):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.store.counts()
+        batches = GaugeMetricFamily("batchery_batches", "Batches by status", labels=["status"])
+        for status in BatchStatus:
+            batches.add_metric([status.value], counts["batches"].get(status.value, 0))
+        yield batches
+        chunks = GaugeMetricFamily("batchery_chunks", "Chunks of running batches by state",
+                                   labels=["state"])
+        for state in ChunkState:
+            chunks.add_metric([state.value], counts["chunks"].get(state.value, 0))
+        yield chunks
+        workers = GaugeMetricFamily("batchery_workers", "Live workers by state",
+                                    labels=["state"])
+        live: dict[str, int] = {}
+        for info in self.store.list_workers():
+            if time.time() - info.last_heartbeat < STALE_WORKER_S and info.state != "stopped":
+                live[info.state] = live.get(info.state, 0) + 1
+        for name, n in sorted(live.items()):
+            workers.add_metric([name], n)
+        yield workers
+
+
+def _route_label(request: Request) -> str:
+    """The path with its ids replaced by their names, so labels stay few."""
+    if request.scope.get("route") is None:
+        return "unmatched"
+    path = request.url.path
+    for name, value in request.path_params.items():
+        path = path.replace(str(value), "{" + name + "}")
+    return path
+
+
+def install(app: FastAPI, store: Store) -> None:
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(store))
+    requests = Counter("batchery_http_requests", "HTTP requests by route and status",
+                       ["method", "route", "status"], registry=registry)
+
+    @app.middleware("http")
+    async def count(request: Request,
+                    call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        requests.labels(request.method, _route_label(request),
+                        str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        body = await run_in_threadpool(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,68 @@
+"""`batchery serve` owns its worker processes: they never outlive it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Server
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command may hold spaces and parentheses: the ppid follows the last ')'.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids: set[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"still running: {[p for p in pids if alive(p)]}"
+        time.sleep(0.1)
+
+
+def pool_of(server: Server, size: int) -> set[int]:
+    deadline = time.monotonic() + 20
+    while len(pids := children(server.process.pid)) < size:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return pids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_serve_stops_its_workers(server_factory: Any, sig: signal.Signals) -> None:
+    server: Server = server_factory("--workers", "2")
+    workers = pool_of(server, 2)
+    server.process.send_signal(sig)
+    server.process.wait(40)
+    wait_gone(workers, 10)
+
+
+def test_a_killed_serve_takes_its_workers_along(server_factory: Any, tmp_path: Path) -> None:
+    server: Server = server_factory("--workers", "2")
+    workers = pool_of(server, 2)
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait(10)
+    wait_gone(workers, 40)

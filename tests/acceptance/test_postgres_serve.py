@@ -1,0 +1,44 @@
+"""The whole service on PostgreSQL: the API, its pool, and a worker joining from outside."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from openai import OpenAI
+
+from tests.conftest import Server
+from tests.helpers import chat_file
+
+
+@pytest.mark.postgres
+def test_batches_run_on_postgres_with_an_outside_worker(pg_url: str, tmp_path: Path,
+                                                        server_factory: Any) -> None:
+    files_dir = tmp_path / "shared-files"
+    server: Server = server_factory("--database-url", pg_url, "--files-url", str(files_dir),
+                                    "--workers", "1", "--chunk-size", "25")
+    outside = subprocess.Popen(
+        [sys.executable, "-m", "batchery", "worker", "--database-url", pg_url,
+         "--files-url", str(files_dir), "--data-dir", str(tmp_path / "elsewhere")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with OpenAI(base_url=server.v1, api_key="k") as client:
+            f = client.files.create(file=chat_file(500), purpose="batch")
+            batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")
+            deadline = time.monotonic() + 90
+            while (done := client.batches.retrieve(batch.id)).status != "completed":
+                assert time.monotonic() < deadline and done.status != "failed", done
+                time.sleep(0.3)
+            out = client.files.content(done.output_file_id).content.splitlines()
+    finally:
+        outside.terminate()
+        assert outside.wait(40) == 0
+    ids = [orjson.loads(x)["custom_id"] for x in out]
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(500))
+    assert not (server.data_dir / "batchery.db").exists()  # nothing went to SQLite

@@ -4,6 +4,7 @@ output and error files once the chunks have ended."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ import orjson
 
 from batchery import anthropic, ids, validation
 from batchery.batches import Batch, BatchError, BatchStatus, EndReason
-from batchery.chunks import Chunk, ChunkState
+from batchery.chunks import Chunk, ChunkSpec, ChunkState
 from batchery.deployments import Deployment
 from batchery.execution import error_line, split_lines
 from batchery.files import FileRecord, Purpose
@@ -128,6 +129,10 @@ def finalize(store: Store, files: FileStore, lease: PhaseLease,
     if batch.status is BatchStatus.CANCELLING or reason is not EndReason.DONE:
         store.abort_open_chunks(batch.id)
     chunks = store.list_chunks(batch.id)
+    if not chunks and batch.input_key is None and batch.endpoint == anthropic.MESSAGES_ENDPOINT:
+        # Ended before validation cut it: every request (we wrote the file, so it is valid
+        # JSONL) is reported as canceled or expired.
+        batch, chunks = _whole_input(store, files, batch)
     now = int(time.time())
     if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
         # Anthropic batches have one results file holding every outcome.
@@ -159,6 +164,16 @@ def finalize(store: Store, files: FileStore, lease: PhaseLease,
         raise LeaseLost
     files.delete_prefix(parts_prefix(batch.id))
     _drop_orphaned_input(store, files, batch)
+
+
+def _whole_input(store: Store, files: FileStore, batch: Batch) -> tuple[Batch, list[Chunk]]:
+    record = store.get_file(None, batch.input_file_id)
+    if record is None:
+        return batch, []
+    spec = ChunkSpec(index=0, start_offset=0, end_offset=files.size(record.storage_key),
+                     first_line=1, n_lines=batch.total)
+    unrun = Chunk(id=0, batch_id=batch.id, spec=spec, state=ChunkState.ABORTED, attempts=0)
+    return dataclasses.replace(batch, input_key=record.storage_key), [unrun]
 
 
 def finish_from_parts(store: Store, files: FileStore, lease: PhaseLease,

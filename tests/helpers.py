@@ -7,6 +7,16 @@ from typing import Any
 
 import orjson
 
+#: Deployments for the SDK suites: a fast model, and a slow one to catch batches mid-run.
+SDK_DEPLOYMENTS = """
+deployments:
+  - name: echo
+    backend: echo
+  - name: echo-slow
+    backend: echo
+    options: {latency_ms: 40}
+"""
+
 
 def chat_line(custom_id: str, text: str = "hello", model: str = "echo",
               **body: Any) -> dict[str, Any]:

@@ -42,8 +42,10 @@ class EchoBackend(ModelBackend):
         handler = _HANDLERS.get(endpoint)
         if handler is None:
             return [error_reply(404, f"Invalid URL (POST {endpoint})") for _ in requests]
-        return [self._simulated_failure(r) or handler(r.body, self.dimensions)
-                for r in requests]
+        dim = self.dimensions
+        if not self.failure_rate:
+            return [handler(r.body, dim) for r in requests]
+        return [self._simulated_failure(r) or handler(r.body, dim) for r in requests]
 
     def _simulated_failure(self, request: Request) -> Reply | None:
         if not self.failure_rate:

@@ -42,7 +42,7 @@ from jsonpath_ng.exceptions import JSONPathError
 from jsonpath_ng.ext.parser import parse as parse_jsonpath
 
 from batchery.backend import ModelBackend, Reply, Request, error_reply
-from batchery.backends.openai_http import _reply
+from batchery.backends.openai_http import send, to_reply
 from batchery.exceptions import ConfigError
 
 #: `${path}`, or `$${path}` for a literal `${path}`.
@@ -142,11 +142,11 @@ class HttpBackend(ModelBackend):
         if isinstance(response, Reply):
             return response
         if not response.is_success:
-            return _reply(response)  # status and body kept; 429/5xx retriable
+            return to_reply(response)  # status and body kept; 429/5xx retriable
         try:
             data = orjson.loads(response.content)
         except orjson.JSONDecodeError:
-            return _reply(response)  # a 2xx that is not JSON: a 502 quoting the text
+            return to_reply(response)  # a 2xx that is not JSON: a 502 quoting the text
         return self._map(endpoint, request.body, context["model"], data)
 
     def _build(self, context: dict[str, Any]) -> _Prepared | Reply:
@@ -175,20 +175,11 @@ class HttpBackend(ModelBackend):
                     content: bytes | None) -> httpx.Response | Reply:
         assert self._client is not None
         try:
-            return await self._client.request(self.method, url, headers=headers,
-                                              content=content)
+            return await send(self._client, self.method, url, timeout_s=self.timeout_s,
+                              headers=headers, content=content)
         except httpx.InvalidURL as exc:
             return error_reply(400, f"The URL this deployment built for the request is not "
                                     f"valid: {exc}")
-        except httpx.TimeoutException:
-            return error_reply(504, f"The upstream did not answer within "
-                                    f"{self.timeout_s:g}s.", type_="timeout",
-                               code="upstream_timeout", retriable=True)
-        except httpx.TransportError as exc:
-            # No URL in the message: a templated URL may carry a credential.
-            return error_reply(502, f"Could not reach the upstream: "
-                                    f"{type(exc).__name__}: {exc}", type_="server_error",
-                               code="upstream_unreachable", retriable=True)
 
     # -- the answer --------------------------------------------------------------------
 

@@ -71,22 +71,27 @@ class OpenAIBackend(ModelBackend):
         if self.model:
             body = {**body, "model": self.model}
         async with self._limit:
-            try:
-                response = await self._client.post(
-                    url, content=orjson.dumps(body),
-                    headers={"Content-Type": "application/json"})
-            except httpx.TimeoutException:
-                return error_reply(504, f"The upstream did not answer within "
-                                        f"{self.timeout_s:g}s.", type_="timeout",
-                                   code="upstream_timeout", retriable=True)
-            except httpx.TransportError as exc:
-                return error_reply(502, f"Could not reach the upstream: "
-                                        f"{type(exc).__name__}: {exc}", type_="server_error",
-                                   code="upstream_unreachable", retriable=True)
-        return _reply(response)
+            response = await send(self._client, "POST", url, timeout_s=self.timeout_s,
+                                  content=orjson.dumps(body),
+                                  headers={"Content-Type": "application/json"})
+        return response if isinstance(response, Reply) else to_reply(response)
 
 
-def _reply(response: httpx.Response) -> Reply:
+async def send(client: httpx.AsyncClient, method: str, url: str, *, timeout_s: float,
+               **kwargs: Any) -> httpx.Response | Reply:
+    """Send one request. A timeout or an unreachable upstream becomes a retriable error
+    reply; the message never names the URL, which may carry a credential."""
+    try:
+        return await client.request(method, url, **kwargs)
+    except httpx.TimeoutException:
+        return error_reply(504, f"The upstream did not answer within {timeout_s:g}s.",
+                           type_="timeout", code="upstream_timeout", retriable=True)
+    except httpx.TransportError as exc:
+        return error_reply(502, f"Could not reach the upstream: {type(exc).__name__}: {exc}",
+                           type_="server_error", code="upstream_unreachable", retriable=True)
+
+
+def to_reply(response: httpx.Response) -> Reply:
     try:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:

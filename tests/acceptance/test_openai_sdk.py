@@ -19,25 +19,18 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import Server, start_server
-from tests.helpers import chat_file, chat_line, jsonl
+from tests.helpers import SDK_DEPLOYMENTS, chat_file, chat_line, jsonl
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
-CONFIG = """
-deployments:
-  - name: echo
-    backend: echo
-  - name: echo-slow
-    backend: echo
-    options: {latency_ms: 40}
-"""
+
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("sdk")
     config = tmp / "deployments.yaml"
-    config.write_text(CONFIG)
+    config.write_text(SDK_DEPLOYMENTS)
     server = start_server(tmp, "--config", str(config), "--workers", "2", "--chunk-size", "10",
                           "--max-tasks", "1000", "--lease-seconds", "6")
     yield server
@@ -259,13 +252,14 @@ def test_cancel_keeps_partial_results(client: OpenAI) -> None:
 
 
 def test_expiry_keeps_partial_results(client: OpenAI) -> None:
-    batch = submit(client, chat_file(400, prefix="exp", model="echo-slow"),
-                   completion_window="3s")  # type: ignore[arg-type]
+    # 800 lines at 40 ms on 2 workers take 16 s: far more than the 8 s window.
+    batch = submit(client, chat_file(800, prefix="exp", model="echo-slow"),
+                   completion_window="8s")  # type: ignore[arg-type]
     done = wait(client, batch.id, timeout=30)
     assert done.status == "expired" and done.expired_at
     out = lines_of(client, done.output_file_id)
     errors = lines_of(client, done.error_file_id)
-    assert sorted(x["custom_id"] for x in out + errors) == sorted(f"exp-{i}" for i in range(400))
+    assert sorted(x["custom_id"] for x in out + errors) == sorted(f"exp-{i}" for i in range(800))
     expired = [x for x in errors if x["error"]]
     assert expired and {x["error"]["code"] for x in expired} == {"batch_expired"}
     assert all(x["response"] is None for x in expired)

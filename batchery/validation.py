@@ -52,8 +52,12 @@ def _missing(param: str, line: int) -> BatchError:
                       message=f"Missing required parameter: '{param}'.", param=param, line=line)
 
 
+#: What `check_line` finds: `(custom_id, model, error)`, each None when absent.
+LineCheck = tuple[str | None, str | None, BatchError | None]
+
+
 def check_line(raw: bytes, line: int, endpoint: str,
-               model_known: Callable[[str], bool]) -> tuple[str | None, str | None, BatchError | None]:
+               model_known: Callable[[str], bool]) -> LineCheck:
     """Check one line. Returns `(custom_id, model, error)`."""
     try:
         obj = orjson.loads(raw)
@@ -101,6 +105,45 @@ def _custom_id_hash(custom_id: str) -> int:
     return hash(custom_id) or 1
 
 
+class _Chunker:
+    """Cuts the requests into chunks of `size`, by byte range, as they stream past."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.chunks: list[ChunkSpec] = []
+        self._start = self._first = self._count = 0
+        self._end = 0
+
+    def add(self, offset: int, end: int, line_no: int) -> None:
+        if self._count == 0:
+            self._start, self._first = offset, line_no
+        self._count += 1
+        self._end = end
+        if self._count == self.size:
+            self.close()
+
+    def close(self) -> None:
+        if self._count:
+            self.chunks.append(ChunkSpec(index=len(self.chunks), start_offset=self._start,
+                                         end_offset=self._end, first_line=self._first,
+                                         n_lines=self._count))
+            self._count = 0
+
+
+class _Hashes:
+    """The custom_id hash of every line, by line number: 8 bytes a line."""
+
+    def __init__(self) -> None:
+        self.values = np.zeros(1024, dtype=np.int64)
+
+    def put(self, line_no: int, custom_id: str) -> None:
+        if line_no > len(self.values):
+            grown = np.zeros(max(len(self.values) * 2, line_no), dtype=np.int64)
+            grown[:len(self.values)] = self.values
+            self.values = grown
+        self.values[line_no - 1] = _custom_id_hash(custom_id)
+
+
 def validate(lines: Lines, *, endpoint: str, model_known: Callable[[str], bool],
              max_tasks: int, chunk_size: int,
              reread: Callable[[], Lines] | None = None) -> Report:
@@ -109,14 +152,10 @@ def validate(lines: Lines, *, endpoint: str, model_known: Callable[[str], bool],
     `reread` re-opens the input; it is only called when two `custom_id`s hash alike.
     """
     report = Report()
-    hashes = np.zeros(1024, dtype=np.int64)
+    hashes, chunker = _Hashes(), _Chunker(chunk_size)
     line_no = 0
-    chunk_start = chunk_first = None
-    chunk_lines = 0
-    end = 0
     for offset, raw in lines:
         line_no += 1
-        end = offset + len(raw)
         if not raw.strip():
             continue
         custom_id, model, error = check_line(raw, line_no, endpoint, model_known)
@@ -133,37 +172,25 @@ def validate(lines: Lines, *, endpoint: str, model_known: Callable[[str], bool],
                 message=f"The number of requests in the input file exceeds the maximum "
                         f"allowed value of {max_tasks}."))
             return report
-        if line_no > len(hashes):
-            grown = np.zeros(max(len(hashes) * 2, line_no), dtype=np.int64)
-            grown[:len(hashes)] = hashes
-            hashes = grown
-        hashes[line_no - 1] = _custom_id_hash(custom_id)
-        if chunk_start is None:
-            chunk_start, chunk_first, chunk_lines = offset, line_no, 0
-        chunk_lines += 1
-        if chunk_lines == chunk_size:
-            report.chunks.append(_spec(len(report.chunks), chunk_start, end, chunk_first,
-                                       chunk_lines))
-            chunk_start = None
-    if chunk_start is not None and chunk_first is not None:
-        report.chunks.append(_spec(len(report.chunks), chunk_start, end, chunk_first,
-                                   chunk_lines))
+        hashes.put(line_no, custom_id)
+        chunker.add(offset, offset + len(raw), line_no)
+    chunker.close()
+    report.chunks = chunker.chunks
+    _finish_report(report, hashes.values[:line_no], reread)
+    return report
+
+
+def _finish_report(report: Report, hashes: np.ndarray[Any, np.dtype[np.int64]],
+                   reread: Callable[[], Lines] | None) -> None:
     if report.total == 0 and report.error_count == 0:
         report.add(BatchError(code="empty_file",
                               message="The input file is empty. Please ensure that the batch "
                                       "contains at least one request."))
-    for line in _duplicate_lines(hashes[:line_no], reread):
+    for line in _duplicate_lines(hashes, reread):
         report.add(BatchError(
             code="duplicate_custom_id", param="custom_id", line=line,
             message="The custom_id for this request is a duplicate of another request."))
     report.errors.sort(key=lambda e: (e.line is None, e.line or 0))
-    return report
-
-
-def _spec(index: int, start: int, end: int, first: int | None, n: int) -> ChunkSpec:
-    assert first is not None
-    return ChunkSpec(index=index, start_offset=start, end_offset=end, first_line=first,
-                     n_lines=n)
 
 
 def _duplicate_lines(hashes: np.ndarray[Any, np.dtype[np.int64]],

@@ -91,7 +91,7 @@ def advance(store: Store, files: FileStore, lease: PhaseLease,
         else:
             state["job"] = backend.refresh(state["job"])
     except BackendError as exc:
-        _count_failure(store, lease, state, str(exc), permanent=exc.permanent)
+        _count_failure(store, lease, state, str(exc), permanent=exc.permanent, backend=backend)
         return
     state["failures"] = 0
     progress = backend.progress(state["job"])
@@ -102,23 +102,39 @@ def advance(store: Store, files: FileStore, lease: PhaseLease,
     if not progress.ended:
         state["poll_s"] = min(wait * 2, MAX_POLL_S)
     store.save_remote(lease, state, completed=progress.completed, failed=progress.failed)
-    if progress.ended:
-        _finish(store, files, lease, backend, state["job"])
-    else:
+    if not progress.ended:
         store.release_phase(lease, retry_in=wait)
+        return
+    try:
+        _finish(store, files, lease, backend, state["job"])
+    except BackendError as exc:  # the results could not be fetched: try again later
+        _count_failure(store, lease, state, str(exc), permanent=exc.permanent, backend=backend)
 
 
 def _count_failure(store: Store, lease: PhaseLease, state: dict[str, Any], message: str,
-                   *, permanent: bool) -> None:
+                   *, permanent: bool, backend: RemoteBatchBackend | None = None) -> None:
     state["failures"] = state.get("failures", 0) + 1
     log.warning("batch %s: provider error %d/%d: %s", lease.batch.id, state["failures"],
                 MAX_FAILURES, message)
     if permanent or state["failures"] >= MAX_FAILURES:
-        store.fail_batch(lease, [BatchError(code="remote_error", message=message)],
-                         int(time.time()))
+        fail(store, lease, message, backend)
         return
     store.save_remote(lease, state, completed=lease.batch.completed, failed=lease.batch.failed)
     store.release_phase(lease, retry_in=min(FIRST_POLL_S * 2 ** state["failures"], MAX_POLL_S))
+
+
+def fail(store: Store, lease: PhaseLease, message: str,
+         backend: RemoteBatchBackend | None) -> None:
+    """Fail the batch with `remote_error`, and stop the provider's job if there is one."""
+    job = (lease.batch.remote or {}).get("job")
+    if job is not None and backend is not None:
+        try:
+            backend.cancel(job)
+        except Exception:
+            log.warning("batch %s: could not cancel the provider's job %s", lease.batch.id,
+                        job.get("id"))
+    store.fail_batch(lease, [BatchError(code="remote_error", message=message)],
+                     int(time.time()))
 
 
 def _request_lines(stream: IO[bytes]) -> Iterator[bytes]:

@@ -45,13 +45,14 @@ class SecretBox:
                               "the key the server used") from None
 
 
-def _secret(name: str) -> bool:
-    return name.lower() in SECRET_OPTIONS
+def _secret(name: str, value: Any) -> bool:
+    # A templated value ("Bearer ${credential.token}") names a credential, it holds none.
+    return name.lower() in SECRET_OPTIONS and isinstance(value, str) and "${" not in value
 
 
 def has_secrets(options: Any) -> bool:
     if isinstance(options, dict):
-        return any((_secret(k) and isinstance(v, str)) or has_secrets(v)
+        return any(_secret(k, v) or has_secrets(v)
                    for k, v in options.items())
     if isinstance(options, list):
         return any(has_secrets(v) for v in options)
@@ -63,7 +64,7 @@ def seal_options(options: Any, box: SecretBox | None, where: str) -> Any:
     if isinstance(options, dict):
         sealed: dict[str, Any] = {}
         for key, value in options.items():
-            if _secret(key) and isinstance(value, str):
+            if _secret(key, value):
                 if box is None:
                     raise ConfigError(f"{where}.{key}: a credential in the config needs "
                                       f"{KEY_ENV} set, to be stored encrypted (or use "

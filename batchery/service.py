@@ -86,6 +86,8 @@ class BatchService:
 
     def list_files(self, project: str, *, purpose: str | None = None, after: str | None = None,
                    limit: int = 10_000, order: str = "desc") -> Page[FileRecord]:
+        if purpose is not None and purpose.startswith(INTERNAL_PURPOSE_PREFIX):
+            return Page([], False)  # message batches' own files are not /v1/files' business
         if order not in ("asc", "desc"):
             raise InvalidRequest("'order' must be 'asc' or 'desc'.", param="order",
                                  code="invalid_value")
@@ -98,6 +100,7 @@ class BatchService:
         return record, self.files.open_read(record.storage_key)
 
     def delete_file(self, project: str, file_id: str) -> FileRecord:
+        self.get_file(project, file_id)  # 404 for internal files too
         record = self.store.delete_file(project, file_id)
         if record is None:
             raise NotFound(f"No such File object: {file_id}")

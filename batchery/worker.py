@@ -24,6 +24,7 @@ from batchery.backend import ModelBackend
 from batchery.batches import BatchError, BatchStatus
 from batchery.chunks import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, ChunkLease
 from batchery.chunks import ChunkResult as Result
+from batchery.exceptions import ConfigError
 from batchery.filestore import FileStore
 from batchery.heartbeat import Heartbeat
 from batchery.retry import RetryPolicy
@@ -168,7 +169,11 @@ class Worker:
                 message=f"The deployment '{name}' is no longer configured.")],
                 int(time.time()))
             return
-        backend = backends.create_remote(deployment)
+        try:
+            backend = backends.create_remote(deployment)
+        except ConfigError as exc:  # retrying will not mend a configuration
+            remote.fail(self.store, lease, f"cannot build the connector: {exc}", None)
+            return
         try:
             remote.advance(self.store, self.files, lease, backend)
         finally:

@@ -65,7 +65,12 @@ def install(app: FastAPI, store: Store) -> None:
     @app.middleware("http")
     async def count(request: Request,
                     call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:
+            # The error handler answers 500 further out; count it here.
+            requests.labels(request.method, _route_label(request), "500").inc()
+            raise
         requests.labels(request.method, _route_label(request),
                         str(response.status_code)).inc()
         return response

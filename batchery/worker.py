@@ -158,6 +158,10 @@ class Worker:
             log.exception("batch-level work on %s failed; it will be retried in %gs",
                           batch.id, PHASE_RETRY_S)
             self.store.release_phase(lease, retry_in=PHASE_RETRY_S)
+        finally:
+            # Free the batch at once if the work did not (a cancel cut validation short, say);
+            # fenced by the token, so it is a no-op once the lease moved on.
+            self.store.release_phase(lease)
 
     def _advance_remote(self, lease: PhaseLease) -> None:
         assert lease.batch.remote is not None

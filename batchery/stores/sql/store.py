@@ -344,7 +344,7 @@ class SqlStore(Store):
                           delay_s)
 
     def _requeue(self, conn: Connection, chunk_id: int, token: str, attempts: int,
-                 max_attempts: int, error: str | None, delay_s: float) -> None:
+                 max_attempts: int, error: str | None, delay_s: float) -> bool:
         give_up = attempts >= max_attempts
         state = ChunkState.FAILED if give_up else ChunkState.QUEUED
         result = conn.execute(chunks.update().where(
@@ -359,6 +359,7 @@ class SqlStore(Store):
             conn.execute(batches.update().where(batches.c.id == row.batch_id).values(
                 failed=batches.c.failed + row.n_lines))
             self._finalize_if_drained(conn, row.batch_id)
+        return row is not None
 
     def reset_leases(self) -> None:
         with self.engine.begin() as conn:
@@ -372,11 +373,10 @@ class SqlStore(Store):
         expired = sa.select(chunks.c.id, chunks.c.lease_token, chunks.c.attempts).where(
             chunks.c.state == ChunkState.LEASED.value, chunks.c.lease_expires_at < self._now)
         with self.engine.begin() as conn:
-            rows = list(conn.execute(expired))
-            for row in rows:
-                self._requeue(conn, row.id, row.lease_token, row.attempts + 1, max_attempts,
-                              "the worker holding this chunk stopped renewing its lease", 0.0)
-        return len(rows)
+            return sum(self._requeue(conn, row.id, row.lease_token, row.attempts + 1,
+                                     max_attempts, "the worker holding this chunk stopped "
+                                     "renewing its lease", 0.0)
+                       for row in list(conn.execute(expired)))
 
     # -- deployments and workers -------------------------------------------------------
 

@@ -35,7 +35,7 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
     store = SqlStore.from_url(settings.db_url)
     if publish_deployments:
         items = (deployments.load(settings.config) if settings.config
-                 else list(deployments.DEFAULT_DEPLOYMENTS))
+                 else deployments.default_deployments())
         for deployment in items:
             backends.check(deployment)
         box = secrets.SecretBox.from_env()

@@ -16,6 +16,9 @@ REGISTRY = {
     "echo": "batchery.backends.echo:EchoBackend",
     "openai": "batchery.backends.openai_http:OpenAIBackend",
     "http": "batchery.backends.http_template:HttpBackend",
+    "sentence-transformers": "batchery.backends.sentence_transformers:SentenceTransformersBackend",
+    "llama-cpp": "batchery.backends.llama_cpp:LlamaCppBackend",
+    "vllm": "batchery.backends.vllm:VllmBackend",
 }
 
 

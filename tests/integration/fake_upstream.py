@@ -33,8 +33,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
+
+from tests.integration.threaded_server import ThreadedServer
 
 PLAN_MARK = " do:"
 
@@ -194,47 +195,11 @@ class _Server(ThreadingHTTPServer):
             self.state.errors.append(exc)
 
 
-class FakeUpstream:
+class FakeUpstream(ThreadedServer):
     """The server, started in a thread; use as a context manager."""
+
+    label = "fake upstream"
 
     def __init__(self, *, slow_s: float = 2.0, hold_s: float = 0.05) -> None:
         self.state = _State(slow_s=slow_s, hold_s=hold_s)
-        self._server = _Server(self.state)
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05},
-                                        name="fake-upstream", daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def __enter__(self) -> FakeUpstream:
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.state.stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
-        if self.state.errors:
-            raise AssertionError(f"the fake upstream failed: {self.state.errors!r}")
-
-    # -- what it saw -------------------------------------------------------------------
-
-    @property
-    def calls(self) -> list[Call]:
-        with self.state.lock:
-            return list(self.state.calls)
-
-    def calls_for(self, content: str) -> list[Call]:
-        return [c for c in self.calls if c.key == content]
-
-    @property
-    def max_in_flight(self) -> int:
-        return self.state.max_in_flight
+        super().__init__(_Server(self.state), self.state, "fake-upstream")

@@ -33,8 +33,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
+
+from tests.integration.threaded_server import ThreadedServer
 
 PLAN_MARK = " do:"
 TOKEN = "rest-model-token"
@@ -205,49 +206,15 @@ class _Server(ThreadingHTTPServer):
             self.state.errors.append(exc)
 
 
-class RestModel:
+class RestModel(ThreadedServer):
     """The server, started in a thread; use as a context manager."""
+
+    label = "REST model"
 
     def __init__(self, *, token: str = TOKEN, slow_s: float = 2.0, hold_s: float = 0.05,
                  retry_after: str = "1") -> None:
         self.state = _State(token=token, slow_s=slow_s, hold_s=hold_s, retry_after=retry_after)
-        self._server = _Server(self.state)
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05},
-                                        name="rest-model", daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def __enter__(self) -> RestModel:
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.state.stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
-        if self.state.errors:
-            raise AssertionError(f"the REST model failed: {self.state.errors!r}")
-
-    @property
-    def calls(self) -> list[Call]:
-        with self.state.lock:
-            return list(self.state.calls)
-
-    def calls_for(self, text: str) -> list[Call]:
-        return [c for c in self.calls if c.key == text]
-
-    @property
-    def max_in_flight(self) -> int:
-        return self.state.max_in_flight
+        super().__init__(_Server(self.state), self.state, "rest-model")
 
 
 # -- post_process functions ------------------------------------------------------------

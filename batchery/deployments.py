@@ -1,4 +1,7 @@
-"""Deployments: named models that batch lines select with `body.model`."""
+"""Deployments: named models that batch lines select with `body.model`, and endpoints:
+named groups of deployments that jobs are submitted to, with a default deployment (as in
+Azure ML batch endpoints). A deployment of endpoint `iris` named `v1` is stored as
+`iris/v1`; a batch line whose model is `iris` goes to the endpoint's default deployment."""
 
 from __future__ import annotations
 
@@ -15,11 +18,60 @@ from batchery.exceptions import ConfigError
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
+#: Who declared a deployment or endpoint: the config file (replaced at every start) or the
+#: REST API (kept until deleted).
+CONFIG, API = "config", "api"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerPoolSpec:
+    """How many worker processes `batchery serve` runs for a deployment's jobs: at least
+    `min`, growing with the queue up to `max`; extra workers exit after `idle_seconds`."""
+
+    min: int = 0
+    max: int = 1
+    idle_seconds: float = 120.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "idle_seconds": self.idle_seconds}
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Deployment:
     name: str
     backend: str
     options: dict[str, Any] = field(default_factory=dict)
+    #: The endpoint this deployment belongs to, if any; `name` is then `<endpoint>/<short>`.
+    endpoint: str | None = None
+    workers: WorkerPoolSpec | None = None
+    source: str = CONFIG
+    #: Set on the alias that makes an endpoint's name usable as a model: the deployment
+    #: it stands for.
+    alias_of: str | None = None
+
+    @property
+    def short_name(self) -> str:
+        return self.name.split("/", 1)[1] if self.endpoint else self.name
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Endpoint:
+    name: str
+    default_deployment: str  #: the short name of one of its deployments
+    source: str = CONFIG
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Catalog:
+    """Everything a config file declares."""
+
+    deployments: list[Deployment]
+    endpoints: list[Endpoint] = field(default_factory=list)
+
+
+def qualified(endpoint: str, deployment: str) -> str:
+    return f"{endpoint}/{deployment}"
 
 
 #: The real models `batchery serve` offers with no config file, each when all the modules
@@ -49,30 +101,101 @@ def default_deployments() -> list[Deployment]:
     return found
 
 
-def parse(data: Any, source: str = "config") -> list[Deployment]:
-    """Read the `deployments:` list of a config document, with errors that say where."""
-    if not isinstance(data, dict) or not isinstance(data.get("deployments"), list):
-        raise ConfigError(f"{source}: expected a mapping with a 'deployments' list")
+def parse(data: Any, source: str = "config", base_dir: Path | None = None) -> Catalog:
+    """Read the `deployments:` and `endpoints:` lists of a config document, with errors that
+    say where. Relative `python_path` entries are resolved against `base_dir`."""
+    if not isinstance(data, dict) or not (isinstance(data.get("deployments"), list)
+                                          or isinstance(data.get("endpoints"), list)):
+        raise ConfigError(f"{source}: expected a mapping with a 'deployments' or an "
+                          f"'endpoints' list")
     result: list[Deployment] = []
-    for i, item in enumerate(data["deployments"]):
-        where = f"{source}: deployments[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: expected a mapping")
-        name, backend = item.get("name"), item.get("backend")
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ConfigError(f"{where}.name: expected a name of letters, digits and ._:/-")
-        if not isinstance(backend, str):
-            raise ConfigError(f"{where}.backend: expected a backend name such as 'echo'")
-        options = item.get("options") or {}
-        if not isinstance(options, dict):
-            raise ConfigError(f"{where}.options: expected a mapping")
-        if any(d.name == name for d in result):
-            raise ConfigError(f"{where}.name: '{name}' is declared twice")
-        result.append(Deployment(name=name, backend=backend, options=options))
-    return result
+    for i, item in enumerate(data.get("deployments") or []):
+        deployment = parse_deployment(item, f"{source}: deployments[{i}]", base_dir=base_dir)
+        if any(d.name == deployment.name for d in result):
+            raise ConfigError(f"{source}: deployments[{i}].name: '{deployment.name}' is "
+                              f"declared twice")
+        result.append(deployment)
+    endpoints: list[Endpoint] = []
+    for i, item in enumerate(data.get("endpoints") or []):
+        endpoint, members = parse_endpoint(item, f"{source}: endpoints[{i}]", base_dir)
+        taken = {d.name for d in result} | {e.name for e in endpoints}
+        if endpoint.name in taken:
+            raise ConfigError(f"{source}: endpoints[{i}].name: '{endpoint.name}' is "
+                              f"declared twice")
+        endpoints.append(endpoint)
+        result.extend(members)
+    return Catalog(deployments=result, endpoints=endpoints)
 
 
-def load(path: str | Path) -> list[Deployment]:
+def parse_deployment(item: Any, where: str, *, endpoint: str | None = None,
+                     base_dir: Path | None = None, source: str = CONFIG) -> Deployment:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    name, backend = item.get("name"), item.get("backend")
+    if not isinstance(name, str) or not _NAME.match(name) or (endpoint and "/" in name):
+        raise ConfigError(f"{where}.name: expected a name of letters, digits and ._:-"
+                          + ("" if endpoint else "/"))
+    if not isinstance(backend, str):
+        raise ConfigError(f"{where}.backend: expected a backend name such as 'echo'")
+    options = item.get("options") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}.options: expected a mapping")
+    if backend == "python":
+        from batchery.jobs import predictor  # the core's loader; imports no user code
+
+        parsed = predictor.parse_options(options, f"{where}.options", base_dir)
+        options = {**options, "python_path": list(parsed.python_path)}
+    workers = _pool(item.get("workers"), f"{where}.workers")
+    full = qualified(endpoint, name) if endpoint else name
+    return Deployment(name=full, backend=backend, options=options, endpoint=endpoint,
+                      workers=workers, source=source)
+
+
+def parse_endpoint(item: Any, where: str, base_dir: Path | None = None,
+                   source: str = CONFIG) -> tuple[Endpoint, list[Deployment]]:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    name = item.get("name")
+    if not isinstance(name, str) or not _NAME.match(name) or "/" in name:
+        raise ConfigError(f"{where}.name: expected a name of letters, digits and ._:-")
+    items = item.get("deployments")
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where}.deployments: expected a non-empty list")
+    members: list[Deployment] = []
+    for i, raw in enumerate(items):
+        member = parse_deployment(raw, f"{where}.deployments[{i}]", endpoint=name,
+                                  base_dir=base_dir, source=source)
+        if any(m.name == member.name for m in members):
+            raise ConfigError(f"{where}.deployments[{i}].name: '{member.short_name}' is "
+                              f"declared twice")
+        members.append(member)
+    default = item.get("default_deployment", members[0].short_name)
+    if default not in {m.short_name for m in members}:
+        raise ConfigError(f"{where}.default_deployment: '{default}' is not one of its "
+                          f"deployments ({', '.join(m.short_name for m in members)})")
+    return Endpoint(name=name, default_deployment=default, source=source), members
+
+
+def _pool(raw: Any, where: str) -> WorkerPoolSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"min", "max", "idle_seconds"}:
+        raise ConfigError(f"{where}: expected a mapping of min, max and idle_seconds")
+    low, high = raw.get("min", 0), raw.get("max", max(1, raw.get("min", 0) or 0))
+    idle = raw.get("idle_seconds", 120)
+    if not isinstance(low, int) or not isinstance(high, int) or not 0 <= low <= high \
+            or high < 1:
+        raise ConfigError(f"{where}: expected whole numbers with 0 <= min <= max and max >= 1")
+    if not isinstance(idle, int | float) or idle <= 0:
+        raise ConfigError(f"{where}.idle_seconds: expected a positive number of seconds")
+    return WorkerPoolSpec(min=low, max=high, idle_seconds=float(idle))
+
+
+def pool_from_dict(raw: dict[str, Any] | None) -> WorkerPoolSpec | None:
+    return WorkerPoolSpec(**raw) if raw else None
+
+
+def load(path: str | Path) -> Catalog:
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -81,4 +204,4 @@ def load(path: str | Path) -> list[Deployment]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse(data, str(path))
+    return parse(data, str(path), Path(path).resolve().parent)

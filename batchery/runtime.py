@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from batchery import backends, deployments, secrets
 from batchery.filestores.fsspec_store import FsspecFileStore
+from batchery.jobs.service import PYTHON_BACKEND, JobService
 from batchery.message_batches import MAX_REQUESTS, MessageBatchService
 from batchery.service import BatchService
 from batchery.settings import Settings
@@ -21,6 +22,7 @@ class Runtime:
     files: FsspecFileStore
     service: BatchService
     message_batches: MessageBatchService
+    jobs: JobService
 
     def close(self) -> None:
         self.store.close()
@@ -34,14 +36,16 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
     logging.getLogger("alembic").setLevel(logging.WARNING)
     store = SqlStore.from_url(settings.db_url)
     if publish_deployments:
-        items = (deployments.load(settings.config) if settings.config
-                 else deployments.default_deployments())
-        for deployment in items:
-            backends.check(deployment)
+        catalog = (deployments.load(settings.config) if settings.config
+                   else deployments.Catalog(deployments=deployments.default_deployments()))
+        for deployment in catalog.deployments:
+            if deployment.backend != PYTHON_BACKEND:  # user code loads in workers only
+                backends.check(deployment)
         box = secrets.SecretBox.from_env()
         store.set_deployments([
             dataclasses.replace(d, options=secrets.seal_options(
-                d.options, box, f"deployment '{d.name}' options")) for d in items])
+                d.options, box, f"deployment '{d.name}' options"))
+            for d in catalog.deployments], catalog.endpoints)
     files = FsspecFileStore(settings.file_store_url)
     return Runtime(settings=settings, store=store, files=files,
                    service=BatchService(store, files, chunk_size=settings.chunk_size,
@@ -49,4 +53,6 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
                    message_batches=MessageBatchService(
                        store, files, chunk_size=settings.chunk_size,
                        max_requests=min(settings.max_tasks, MAX_REQUESTS),
-                       window_s=settings.message_batch_window_s))
+                       window_s=settings.message_batch_window_s),
+                   jobs=JobService(store, outputs_url=settings.outputs_url,
+                                   stall_after_s=2 * settings.lease_s))

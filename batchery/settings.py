@@ -39,5 +39,10 @@ class Settings:
     def file_store_url(self) -> str:
         return self.files_url or str(self.data_dir.resolve() / "files")
 
+    @property
+    def outputs_url(self) -> str:
+        """Where jobs write results unless they name an `output_path`."""
+        return f"{self.file_store_url.rstrip('/')}/outputs"
+
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(lease_s=self.lease_s, max_attempts=self.max_attempts)

@@ -10,20 +10,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from batchery.batches import Batch, BatchError
 from batchery.chunks import Chunk, ChunkLease, ChunkResult, ChunkSpec
-from batchery.deployments import Deployment
+from batchery.deployments import Deployment, Endpoint
 from batchery.files import FileRecord
+from batchery.jobs.store import JobStore
+from batchery.paging import Page
 
-T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Page(Generic[T]):
-    items: list[T]
-    has_more: bool
+__all__ = ["Page", "Store"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -168,10 +164,13 @@ class ChunkQueue(ABC):
 
 class Registry(ABC):
     @abstractmethod
-    def set_deployments(self, deployments: Sequence[Deployment]) -> None: ...
+    def set_deployments(self, deployments: Sequence[Deployment],
+                        endpoints: Sequence[Endpoint] = ()) -> None:
+        """Replace what the config file declares; what the API made is kept."""
 
     @abstractmethod
-    def list_deployments(self) -> list[Deployment]: ...
+    def list_deployments(self) -> list[Deployment]:
+        """Every deployment, plus an alias per endpoint standing for its default."""
 
     @abstractmethod
     def heartbeat_worker(self, info: WorkerInfo) -> None: ...
@@ -184,7 +183,7 @@ class Registry(ABC):
         """How many batches are in each status and chunks in each state, for metrics."""
 
 
-class Store(FileRecords, BatchRecords, PhaseQueue, ChunkQueue, Registry, ABC):
+class Store(FileRecords, BatchRecords, PhaseQueue, ChunkQueue, Registry, JobStore, ABC):
     """Everything Batchery keeps in its database."""
 
     @abstractmethod

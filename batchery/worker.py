@@ -27,6 +27,7 @@ from batchery.chunks import ChunkResult as Result
 from batchery.exceptions import ConfigError
 from batchery.filestore import FileStore
 from batchery.heartbeat import Heartbeat
+from batchery.jobs.runner import JobRunner
 from batchery.retry import RetryPolicy
 from batchery.store import PhaseLease, Store, WorkerInfo
 
@@ -43,6 +44,13 @@ class WorkerConfig:
     #: After a stop is asked for, how long the chunk in hand may still run, in seconds.
     grace_s: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Run the OpenAI and Anthropic batches' work.
+    batches: bool = True
+    #: Run jobs' work, of these deployments (qualified names; None: all).
+    jobs: bool = True
+    deployments: frozenset[str] | None = None
+    #: Exit after this many seconds without work (a pool's extra workers); None: never.
+    idle_exit_s: float | None = None
 
 
 #: After batch-level work raised, how long before any worker tries it again, in seconds.
@@ -70,6 +78,13 @@ class Worker:
         self._task: asyncio.Task[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_housekeeping = 0.0
+        self._last_work = time.monotonic()
+        self.jobs: JobRunner | None = None
+        if self.config.jobs:
+            self.jobs = JobRunner(store, files, worker_id=self.info.id, host=self.info.host,
+                                  pid=self.info.pid, lease_s=self.config.lease_s,
+                                  deployments=self.config.deployments,
+                                  overdue=self._overdue, retry=self.config.retry)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -84,15 +99,29 @@ class Worker:
 
     def run(self) -> None:
         log.info("worker %s started", self.info.id)
+        if self.jobs is not None:
+            self.jobs.start()
         try:
             while not self.stopping:
-                if not self.run_once():
+                if self.run_once():
+                    self._last_work = time.monotonic()
+                elif self._idle_too_long():
+                    log.info("worker %s: idle for %gs; exiting", self.info.id,
+                             self.config.idle_exit_s)
+                    break
+                else:
                     self._idle()
         finally:
             self._report("stopped", None)
             self._close_backends()
             self._runner.close()
+            if self.jobs is not None:
+                self.jobs.close()
             log.info("worker %s stopped", self.info.id)
+
+    def _idle_too_long(self) -> bool:
+        limit = self.config.idle_exit_s
+        return limit is not None and time.monotonic() - self._last_work > limit
 
     def _idle(self) -> None:
         deadline = time.monotonic() + self.config.poll_s
@@ -102,13 +131,16 @@ class Worker:
     def run_once(self) -> bool:
         """Do one piece of work if there is any; returns whether there was."""
         self._housekeeping()
-        phase = self.store.claim_phase(self.info.id, self.config.lease_s)
-        if phase is not None:
-            self._run_phase(phase)
-            return True
-        chunk = self.store.claim_chunk(self.info.id, self.config.lease_s)
-        if chunk is not None:
-            self._run_chunk(chunk)
+        if self.config.batches:
+            phase = self.store.claim_phase(self.info.id, self.config.lease_s)
+            if phase is not None:
+                self._run_phase(phase)
+                return True
+            chunk = self.store.claim_chunk(self.info.id, self.config.lease_s)
+            if chunk is not None:
+                self._run_chunk(chunk)
+                return True
+        if self.jobs is not None and self.jobs.run_once():
             return True
         self._report("idle", None)
         return False
@@ -118,10 +150,14 @@ class Worker:
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + self.config.housekeeping_s
-        reaped = self.store.reap_expired(self.config.max_attempts)
-        if reaped:
-            log.warning("requeued %d chunk(s) whose worker stopped renewing its lease", reaped)
-        self.store.expire_due(int(time.time()))
+        if self.config.batches:
+            reaped = self.store.reap_expired(self.config.max_attempts)
+            if reaped:
+                log.warning("requeued %d chunk(s) whose worker stopped renewing its lease",
+                            reaped)
+            self.store.expire_due(int(time.time()))
+        if self.jobs is not None:
+            self.jobs.housekeeping()
         self._report(self.info.state, self.info.current)
 
     def _report(self, state: str, current: str | None) -> None:

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batchery import __version__, ids
 from batchery.api import errors, metrics
 from batchery.api.responses import JSONResponse
-from batchery.api.routes import batches, files, messages, models
+from batchery.api.routes import batches, files, jobs, messages, models
 from batchery.auth import KeyRing
 from batchery.runtime import Runtime
 
@@ -57,10 +57,12 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None,
     app.state.runtime = runtime
     app.state.service = runtime.service
     app.state.message_batches = runtime.message_batches
+    app.state.jobs = runtime.jobs
     app.state.keys = keys or KeyRing.load(runtime.settings.keys_file)
     errors.install(app)
     for module in (files, batches, models, messages):
         app.include_router(module.router, prefix="/v1")
+    app.include_router(jobs.router, prefix="/api/v1")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> Any:

@@ -19,6 +19,7 @@ REGISTRY = {
     "sentence-transformers": "batchery.backends.sentence_transformers:SentenceTransformersBackend",
     "llama-cpp": "batchery.backends.llama_cpp:LlamaCppBackend",
     "vllm": "batchery.backends.vllm:VllmBackend",
+    "python": "batchery.backends.python_predictor:PythonPredictorBackend",
 }
 
 

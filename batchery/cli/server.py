@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -20,9 +21,12 @@ from batchery import auth
 from batchery.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
 from batchery.chunks import DEFAULT_LEASE_S
 from batchery.cli.options import ChunkSize, DatabaseUrl, DataDir, FilesUrl, LeaseSeconds, MaxTasks
+from batchery.deployments import WorkerPoolSpec
 from batchery.exceptions import ConfigError
+from batchery.jobs.service import PYTHON_BACKEND
 from batchery.runtime import open_runtime
 from batchery.settings import DEFAULT_DATA_DIR, Settings
+from batchery.store import Store
 from batchery.worker import Worker
 
 console = Console(stderr=True)
@@ -78,27 +82,62 @@ def serve(
                         config=config, keys_file=keys_file, chunk_size=chunk_size,
                         lease_s=lease_seconds, max_tasks=max_tasks,
                         message_batch_window_s=message_batch_window)
-    pool = WorkerPool(settings, _default_workers() if workers is None else workers, log_level)
+    size = _default_workers() if workers is None else workers
+    pool = WorkerPool(settings, size, log_level)
     try:
         runtime = open_runtime(settings, publish_deployments=True)
-        app = create_app(runtime, on_shutdown=pool.stop)
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    # Jobs run on each deployment's own pool; `--workers 0` means the API alone.
+    job_pools = DeploymentPools(settings, runtime.store, log_level, enabled=size > 0)
+
+    def stop_all() -> None:
+        job_pools.stop()
+        pool.stop()
+
+    app = create_app(runtime, on_shutdown=stop_all)
     pool.start()
-    names = ", ".join(d.name for d in runtime.store.list_deployments())
+    job_pools.start()
+    names = ", ".join(d.name for d in runtime.store.list_deployments() if not d.endpoint)
     console.print(f"Batchery on http://{host}:{port}/v1 with {pool.size} worker(s); "
                   f"deployments: {names}; data: {settings.data_dir.resolve()}")
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower(),
                     timeout_graceful_shutdown=5)
     finally:
-        pool.stop()
+        stop_all()
         runtime.close()
 
 
+def _spawn_worker(settings: Settings, log_level: str, *extra: str) -> subprocess.Popen[bytes]:
+    # The worker asks the kernel to SIGTERM it if this process dies, even by SIGKILL.
+    env = {**os.environ, POOL_PARENT_ENV: str(os.getpid())}
+    cmd = [sys.executable, "-m", "batchery", "worker", "--data-dir", str(settings.data_dir),
+           "--lease-seconds", str(settings.lease_s), "--log-level", log_level, *extra]
+    if settings.database_url:
+        cmd += ["--database-url", settings.database_url]
+    if settings.files_url:
+        cmd += ["--files-url", settings.files_url]
+    return subprocess.Popen(cmd, env=env)
+
+
+def _terminate(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class WorkerPool:
-    """Worker subprocesses of `batchery serve`, restarted when they die."""
+    """The worker subprocesses of `batchery serve` that run the OpenAI and Anthropic
+    batches, restarted when they die."""
 
     def __init__(self, settings: Settings, size: int, log_level: str) -> None:
         self.settings = settings
@@ -109,19 +148,7 @@ class WorkerPool:
         self._watcher = threading.Thread(target=self._watch, name="worker-pool", daemon=True)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        # The worker asks the kernel to SIGTERM it if this process dies, even by SIGKILL.
-        env = {**os.environ, POOL_PARENT_ENV: str(os.getpid())}
-        return subprocess.Popen(self._command(), env=env)
-
-    def _command(self) -> list[str]:
-        s = self.settings
-        cmd = [sys.executable, "-m", "batchery", "worker", "--data-dir", str(s.data_dir),
-               "--lease-seconds", str(s.lease_s), "--log-level", self.log_level]
-        if s.database_url:
-            cmd += ["--database-url", s.database_url]
-        if s.files_url:
-            cmd += ["--files-url", s.files_url]
-        return cmd
+        return _spawn_worker(self.settings, self.log_level, "--no-jobs")
 
     def start(self) -> None:
         self._procs = [self._spawn() for _ in range(self.size)]
@@ -140,16 +167,82 @@ class WorkerPool:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for proc in self._procs:
+        _terminate(self._procs, grace_s)
+
+
+#: The pool of a `python` deployment that declares none.
+DEFAULT_JOB_POOL = WorkerPoolSpec(min=0, max=1, idle_seconds=120.0)
+#: How often the pools are resized, in seconds.
+SCALE_EVERY_S = 1.0
+
+
+@dataclass
+class _PoolWorker:
+    proc: subprocess.Popen[bytes]
+    permanent: bool  #: one of the pool's `min`; the others exit when idle
+
+
+class DeploymentPools:
+    """A pool of worker processes per `python` deployment, sized to its jobs' queue:
+    `min` workers always, one more per batch its jobs could run at once up to `max`. Extra
+    workers exit by themselves after `idle_seconds` without work; a worker that dies (a
+    predictor that crashed its process) is replaced while there is work for it."""
+
+    def __init__(self, settings: Settings, store: Store, log_level: str, *,
+                 enabled: bool = True) -> None:
+        self.settings, self.store, self.log_level = settings, store, log_level
+        self.enabled = enabled
+        self._pools: dict[str, list[_PoolWorker]] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-pools", daemon=True)
+
+    def start(self) -> None:
+        if self.enabled:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(SCALE_EVERY_S):
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                self.scale()
+            except Exception:
+                log.exception("could not resize the deployments' worker pools")
+
+    def scale(self) -> None:
+        demand = self.store.job_demand()
+        for deployment in self.store.list_deployments():
+            if deployment.backend != PYTHON_BACKEND or deployment.alias_of:
+                continue
+            spec = deployment.workers or DEFAULT_JOB_POOL
+            workers = self._reap(deployment.name)
+            target = max(spec.min, min(spec.max, demand.get(deployment.name, 0)))
+            while len(workers) < target and not self._stopping.is_set():
+                permanent = sum(w.permanent for w in workers) < spec.min
+                extra = [] if permanent else ["--idle-exit", str(spec.idle_seconds)]
+                proc = _spawn_worker(self.settings, self.log_level, "--no-batches",
+                                     "--deployment", deployment.name, *extra)
+                workers.append(_PoolWorker(proc=proc, permanent=permanent))
+                log.info("started worker pid %d for deployment %s (%d of at most %d)",
+                         proc.pid, deployment.name, len(workers), spec.max)
+
+    def _reap(self, name: str) -> list[_PoolWorker]:
+        workers = self._pools.setdefault(name, [])
+        for worker in list(workers):
+            code = worker.proc.poll()
+            if code is None:
+                continue
+            workers.remove(worker)
+            if code != 0:
+                log.warning("worker pid %d of deployment %s exited with %s", worker.proc.pid,
+                            name, code)
+        return workers
+
+    def stop(self, grace_s: float = 35.0) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        _terminate([w.proc for pool in self._pools.values() for w in pool], grace_s)
 
 
 def worker(
@@ -160,6 +253,15 @@ def worker(
     grace_seconds: Annotated[float, typer.Option(
         help="After SIGTERM, how long the chunk in hand may run before it is "
              "handed back.")] = 30.0,
+    jobs: Annotated[bool, typer.Option(
+        "--jobs/--no-jobs", help="Run jobs of the native job API.")] = True,
+    batches: Annotated[bool, typer.Option(
+        "--batches/--no-batches", help="Run OpenAI and Anthropic batches.")] = True,
+    deployment: Annotated[list[str] | None, typer.Option(
+        "--deployment", help="Only run jobs of this deployment (endpoint/name); "
+                             "repeatable. Default: all.")] = None,
+    idle_exit: Annotated[float | None, typer.Option(
+        "--idle-exit", min=0.1, help="Exit after this many seconds without work.")] = None,
     log_level: Annotated[str, typer.Option(envvar="BATCHERY_LOG_LEVEL")] = "info",
 ) -> None:
     """Join the work: claim chunks from the store and run them. Stops cleanly on SIGTERM."""
@@ -170,7 +272,9 @@ def worker(
     settings = Settings(data_dir=data_dir, database_url=database_url, files_url=files_url,
                         lease_s=lease_seconds)
     runtime = open_runtime(settings)
-    config = dataclasses.replace(settings.worker_config(), grace_s=grace_seconds)
+    config = dataclasses.replace(
+        settings.worker_config(), grace_s=grace_seconds, jobs=jobs, batches=batches,
+        deployments=frozenset(deployment) if deployment else None, idle_exit_s=idle_exit)
     the_worker = Worker(runtime.store, runtime.files, config)
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:

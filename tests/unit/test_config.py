@@ -14,10 +14,11 @@ from batchery.retry import RetryPolicy
 def test_deployments_parse_and_errors_say_where(tmp_path: Path) -> None:
     good = deployments.parse({"deployments": [{"name": "a", "backend": "echo",
                                                 "options": {"latency_ms": 1}}]})
-    assert good == [deployments.Deployment(name="a", backend="echo", options={"latency_ms": 1})]
+    assert good.deployments == [
+        deployments.Deployment(name="a", backend="echo", options={"latency_ms": 1})]
     with pytest.raises(ConfigError, match=r"deployments\[1\].name: 'a' is declared twice"):
         deployments.parse({"deployments": [{"name": "a", "backend": "echo"}] * 2})
-    with pytest.raises(ConfigError, match="expected a mapping with a 'deployments' list"):
+    with pytest.raises(ConfigError, match="a 'deployments' or an 'endpoints' list"):
         deployments.parse([])
     broken = tmp_path / "d.yaml"
     broken.write_text("deployments: [")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,18 +20,19 @@ from batchery.batches import (
     EndReason,
 )
 from batchery.chunks import Chunk, ChunkLease, ChunkResult, ChunkSpec, ChunkState
-from batchery.deployments import Deployment
+from batchery.deployments import CONFIG, Deployment, Endpoint, pool_from_dict
 from batchery.exceptions import Conflict, NotFound
 from batchery.files import INTERNAL_PURPOSE_PREFIX, FileRecord
 from batchery.store import Page, PhaseLease, Store, WorkerInfo
 from batchery.stores.sql import engine as engines
 from batchery.stores.sql import migrate, tables
-from batchery.stores.sql.tables import batches, chunks, deployments, files, workers
+from batchery.stores.sql.job_store import SqlJobStore
+from batchery.stores.sql.tables import batches, chunks, deployments, endpoints, files, workers
 
 _OPEN_CHUNK_STATES = (ChunkState.QUEUED.value, ChunkState.LEASED.value)
 
 
-class SqlStore(Store):
+class SqlStore(SqlJobStore, Store):
     def __init__(self, engine: Engine, *, run_migrations: bool = True) -> None:
         self.engine = engine
         self._now = engines.db_now(engine)
@@ -380,18 +383,35 @@ class SqlStore(Store):
 
     # -- deployments and workers -------------------------------------------------------
 
-    def set_deployments(self, items: Sequence[Deployment]) -> None:
+    def set_deployments(self, items: Sequence[Deployment],
+                        declared: Sequence[Endpoint] = ()) -> None:
+        names = [d.name for d in items] + [e.name for e in declared]
         with self.engine.begin() as conn:
-            conn.execute(deployments.delete())
+            # The config file wins over a name the API took since the last start.
+            conn.execute(deployments.delete().where(sa.or_(
+                deployments.c.source == CONFIG, deployments.c.name.in_(names),
+                deployments.c.endpoint.in_([e.name for e in declared]))))
+            conn.execute(endpoints.delete().where(sa.or_(
+                endpoints.c.source == CONFIG, endpoints.c.name.in_(names))))
             if items:
-                conn.execute(deployments.insert(), [
-                    {"name": d.name, "backend": d.backend, "options": d.options} for d in items])
+                conn.execute(deployments.insert(), [_deployment_row(d) for d in items])
+            if declared:
+                conn.execute(endpoints.insert(), [
+                    {"name": e.name, "default_deployment": e.default_deployment,
+                     "source": e.source, "created_at": e.created_at or time.time()}
+                    for e in declared])
 
     def list_deployments(self) -> list[Deployment]:
         with self.engine.begin() as conn:
             rows = conn.execute(deployments.select().order_by(deployments.c.name)).mappings()
-            return [Deployment(name=r["name"], backend=r["backend"], options=r["options"])
-                    for r in rows]
+            found = [_deployment(r) for r in rows]
+            defaults = conn.execute(endpoints.select()).mappings()
+            by_name = {d.name: d for d in found}
+            aliases = [dataclasses.replace(target, name=e["name"], endpoint=None,
+                                           workers=None, alias_of=target.name)
+                       for e in defaults
+                       if (target := by_name.get(f"{e['name']}/{e['default_deployment']}"))]
+        return sorted(found + aliases, key=lambda d: d.name)
 
     def heartbeat_worker(self, info: WorkerInfo) -> None:
         values = {"host": info.host, "pid": info.pid, "state": info.state,
@@ -416,6 +436,18 @@ class SqlStore(Store):
         with self.engine.begin() as conn:
             rows = conn.execute(workers.select().order_by(workers.c.started_at)).mappings()
             return [WorkerInfo(**dict(r)) for r in rows]
+
+
+def _deployment_row(d: Deployment) -> dict[str, Any]:
+    return {"name": d.name, "backend": d.backend, "options": d.options,
+            "endpoint": d.endpoint, "workers": d.workers.to_dict() if d.workers else None,
+            "source": d.source}
+
+
+def _deployment(row: RowMapping) -> Deployment:
+    return Deployment(name=row["name"], backend=row["backend"], options=row["options"],
+                      endpoint=row["endpoint"], workers=pool_from_dict(row["workers"]),
+                      source=row["source"])
 
 
 def _file_row(record: FileRecord) -> dict[str, Any]:

@@ -1,0 +1,184 @@
+"""`/api/v1`: the native job API (endpoints, jobs, their workers, logs and results)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.responses import StreamingResponse
+
+from batchery.api.deps import Project
+from batchery.api.routes.batches import _json_body
+from batchery.deployments import Deployment, Endpoint
+from batchery.jobs.model import JobBatch, JobStage, JobWorker, LogLine
+from batchery.jobs.service import DryRun, JobService, JobView, job_json
+
+router = APIRouter()
+#: How often a followed log looks for new lines, in seconds.
+FOLLOW_POLL_S = 0.25
+
+
+def get_jobs(request: Request) -> JobService:
+    service: JobService = request.app.state.jobs
+    return service
+
+
+Jobs = Annotated[JobService, Depends(get_jobs)]
+
+
+# -- endpoints -------------------------------------------------------------------------
+
+def _deployment_json(d: Deployment, default: str) -> dict[str, Any]:
+    return {"name": d.short_name, "backend": d.backend, "default": d.short_name == default,
+            "workers": d.workers.to_dict() if d.workers else None, "source": d.source}
+
+
+def _endpoint_json(endpoint: Endpoint, members: list[Deployment]) -> dict[str, Any]:
+    return {"name": endpoint.name, "object": "endpoint",
+            "default_deployment": endpoint.default_deployment, "source": endpoint.source,
+            "deployments": [_deployment_json(d, endpoint.default_deployment)
+                            for d in members]}
+
+
+@router.get("/endpoints")
+def list_endpoints(_: Project, jobs: Jobs) -> Any:
+    return {"object": "list",
+            "data": [_endpoint_json(e, m) for e, m in jobs.list_endpoints()]}
+
+
+@router.post("/endpoints")
+async def create_endpoint(request: Request, _: Project, jobs: Jobs) -> Any:
+    body = await _json_body(request)
+    return _endpoint_json(*await run_in_threadpool(jobs.create_endpoint, body))
+
+
+@router.get("/endpoints/{name}")
+def get_endpoint(name: str, _: Project, jobs: Jobs) -> Any:
+    return _endpoint_json(*jobs.get_endpoint(name))
+
+
+@router.patch("/endpoints/{name}")
+async def update_endpoint(name: str, request: Request, _: Project, jobs: Jobs) -> Any:
+    body = await _json_body(request)
+    await run_in_threadpool(jobs.set_default_deployment, name, body.get("default_deployment"))
+    return _endpoint_json(*jobs.get_endpoint(name))
+
+
+@router.delete("/endpoints/{name}")
+def delete_endpoint(name: str, _: Project, jobs: Jobs) -> Any:
+    jobs.delete_endpoint(name)
+    return {"name": name, "object": "endpoint.deleted", "deleted": True}
+
+
+@router.get("/endpoints/{name}/deployments")
+def list_deployments(name: str, _: Project, jobs: Jobs) -> Any:
+    endpoint, members = jobs.get_endpoint(name)
+    return {"object": "list",
+            "data": [_deployment_json(d, endpoint.default_deployment) for d in members]}
+
+
+@router.post("/endpoints/{name}/deployments")
+async def add_deployment(name: str, request: Request, _: Project, jobs: Jobs) -> Any:
+    body = await _json_body(request)
+    await run_in_threadpool(jobs.add_deployment, name, body)
+    endpoint, members = jobs.get_endpoint(name)
+    return _endpoint_json(endpoint, members)
+
+
+# -- jobs ------------------------------------------------------------------------------
+
+@router.post("/endpoints/{name}/jobs")
+async def submit_job(name: str, request: Request, project: Project, jobs: Jobs,
+                     dry_run: bool = False) -> Any:
+    body = await _json_body(request)
+    result = await run_in_threadpool(jobs.submit, project, name, body, dry_run=dry_run)
+    if isinstance(result, DryRun):
+        return {"object": "job.dry_run", "endpoint": result.endpoint,
+                "deployment": result.deployment, "files": result.files,
+                "total_items": result.total_items,
+                "total_batch_count": result.total_batch_count}
+    return job_json(await run_in_threadpool(jobs.view, project, result.id))
+
+
+@router.get("/jobs")
+def list_jobs(project: Project, jobs: Jobs, endpoint: str | None = None,
+              status: str | None = None, after: str | None = None,
+              limit: Annotated[int, Query()] = 20) -> Any:
+    page = jobs.list_jobs(project, endpoint=endpoint, status=status, after=after, limit=limit)
+    data = [job_json(JobView(job=j, batch_states={}, worker_counts={})) for j in page.items]
+    for row in data:  # a listing shows no per-job queue or workers: `get` does
+        for key in ("batches_in_queue", "batches_in_flight", "worker_counts"):
+            row.pop(key)
+    return {"object": "list", "data": data, "has_more": page.has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: str, project: Project, jobs: Jobs) -> Any:
+    return job_json(jobs.view(project, job_id))
+
+
+@router.delete("/jobs/{job_id}")
+def stop_job(job_id: str, project: Project, jobs: Jobs) -> Any:
+    jobs.stop(project, job_id)
+    return job_json(jobs.view(project, job_id))
+
+
+def _worker_json(w: JobWorker) -> dict[str, Any]:
+    return {"id": w.worker_id, "host": w.host, "pid": w.pid, "state": w.state.value,
+            "current_batch": w.current_batch, "batches_done": w.batches_done,
+            "started_at": w.started_at, "last_heartbeat": w.last_heartbeat}
+
+
+@router.get("/jobs/{job_id}/workers")
+def job_workers(job_id: str, project: Project, jobs: Jobs) -> Any:
+    return {"object": "list", "data": [_worker_json(w) for w in jobs.workers(project, job_id)]}
+
+
+def _dead_letter_json(b: JobBatch) -> dict[str, Any]:
+    return {"batch_id": f"{b.job_id}:{b.spec.index}", "index": b.spec.index,
+            "first_item": b.spec.first_item, "item_count": b.spec.n_items,
+            "attempts": b.attempts, "error": b.last_error}
+
+
+@router.get("/jobs/{job_id}/failed_batches")
+def failed_batches(job_id: str, project: Project, jobs: Jobs) -> Any:
+    return {"object": "list",
+            "data": [_dead_letter_json(b) for b in jobs.failed_batches(project, job_id)]}
+
+
+@router.get("/jobs/{job_id}/results")
+def results(job_id: str, project: Project, jobs: Jobs) -> Any:
+    stream = jobs.results(project, job_id)
+    return StreamingResponse(iterate_in_threadpool(stream),
+                             media_type="application/x-ndjson",
+                             headers={"content-disposition":
+                                      f'attachment; filename="{job_id}-results.jsonl"'})
+
+
+@router.get("/jobs/{job_id}/logs")
+def logs(job_id: str, project: Project, jobs: Jobs, follow: bool = False,
+         after: int = 0) -> Any:
+    jobs.get(project, job_id)  # 404 before the stream starts
+    return StreamingResponse(_log_lines(jobs, project, job_id, follow, after),
+                             media_type="text/plain; charset=utf-8")
+
+
+async def _log_lines(jobs: JobService, project: str, job_id: str, follow: bool,
+                     after: int) -> AsyncIterator[bytes]:
+    while True:
+        # Read the job before the lines: once it is done, one last read gets every line.
+        done = (await run_in_threadpool(jobs.get, project, job_id)).stage is JobStage.DONE
+        batch: list[LogLine] = await run_in_threadpool(jobs.logs, project, job_id,
+                                                       after=after)
+        if batch:
+            after = batch[-1].id
+            yield "".join(line.render() + "\n" for line in batch).encode()
+            continue
+        if not follow or done:
+            return
+        await asyncio.sleep(FOLLOW_POLL_S)

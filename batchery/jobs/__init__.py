@@ -1,0 +1,1 @@
+"""Batch jobs: endpoints, job specs, inputs, predictors and the job runner."""

@@ -1,0 +1,359 @@
+"""The worker's side of jobs: enqueue a job's input, run its batches through the
+deployment's predictor, and complete the job (results file, `on_job_complete`).
+
+Runs inside a `Worker`, which calls `run_once` and `housekeeping` from its loop. Every
+piece of work is held under a lease that a heartbeat renews, as for chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+import orjson
+
+from batchery import secrets
+from batchery.filestore import FileStore
+from batchery.heartbeat import Heartbeat
+from batchery.jobs import enqueue, outputs
+from batchery.jobs.joblog import JobLog, job_context
+from batchery.jobs.model import (
+    BatchLease,
+    Job,
+    JobLease,
+    JobStage,
+    JobStatus,
+    JobWorker,
+    OutputMode,
+    WorkerState,
+)
+from batchery.jobs.predictor import LoadedPredictor, load_predictor, parse_options
+from batchery.retry import RetryPolicy
+from batchery.store import Store
+
+log = logging.getLogger("batchery.jobs")
+#: After job-level work raised, how long before any worker tries it again, in seconds.
+PHASE_RETRY_S = 5.0
+ENQUEUE_ATTEMPTS = 3
+#: Predictors kept loaded per worker (one per job).
+MAX_LOADED = 2
+
+
+
+
+class BatchFailed(Exception):
+    """A batch attempt failed for a reason worth a clear line in the job's log."""
+
+
+class JobRunner:
+    def __init__(self, store: Store, files: FileStore, *, worker_id: str, host: str, pid: int,
+                 lease_s: float, deployments: Collection[str] | None,
+                 overdue: Callable[[], bool] = lambda: False,
+                 retry: RetryPolicy | None = None) -> None:
+        self.store = store
+        self.files = files
+        self.worker_id, self.host, self.pid = worker_id, host, pid
+        self.lease_s = lease_s
+        self.deployments = deployments
+        self._overdue = overdue
+        self.retry = retry or RetryPolicy()
+        self.joblog = JobLog(store, worker_id)
+        self._runner = asyncio.Runner()
+        self._loaded: OrderedDict[str, LoadedPredictor] = OrderedDict()
+        self._reports: dict[str, JobWorker] = {}
+        self._task: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancel_asked = False
+
+    def start(self) -> None:
+        self.joblog.start()
+
+    def close(self) -> None:
+        for job_id in list(self._loaded):
+            self._unload(job_id, WorkerState.SUCCEEDED)
+        self._runner.close()
+        self.joblog.close()
+
+    def run_once(self) -> bool:
+        phase = self.store.claim_job_phase(self.worker_id, self.lease_s, self.deployments)
+        if phase is not None:
+            with job_context(phase.job.id):
+                self._run_phase(phase)
+            return True
+        lease = self.store.claim_batch(self.worker_id, self.lease_s, self.deployments)
+        if lease is not None:
+            with job_context(lease.job.id):
+                self._run_batch(lease)
+            return True
+        return False
+
+    def housekeeping(self) -> None:
+        for reaped in self.store.reap_expired_batches():
+            what = "it is now a dead letter" if reaped.dead else "it will be retried"
+            self.joblog.write(reaped.job_id, "WARNING",
+                              f"batch {reaped.index}: worker {reaped.owner} stopped "
+                              f"renewing its lease (it died or hung); {what}")
+        for job_id in self.store.time_out_jobs(time.time()):
+            self.joblog.write(job_id, "WARNING", "the job's timeout ran out: timed_out")
+        self.store.touch_job_workers(self.worker_id, time.time())
+        for job_id in list(self._loaded):
+            job = self.store.get_job(None, job_id)
+            if job is None or job.stage is JobStage.DONE:
+                self._unload(job_id, WorkerState.SUCCEEDED)
+
+    # -- job-level work ----------------------------------------------------------------
+
+    def _run_phase(self, lease: JobLease) -> None:
+        job = lease.job
+        heartbeat = Heartbeat(lambda: self.store.renew_job_phase(lease, self.lease_s),
+                              self.lease_s / 3)
+        try:
+            with heartbeat:
+                if job.stage is JobStage.ENQUEUE:
+                    self._enqueue(lease, lambda: heartbeat.lost)
+                else:
+                    self._complete(lease)
+        except enqueue.LeaseLost:
+            log.info("job %s changed while this worker worked on it; leaving it", job.id)
+        except Exception:
+            self.joblog.write(job.id, "ERROR", f"job-level work failed; retrying in "
+                                               f"{PHASE_RETRY_S:g}s:\n{traceback.format_exc()}")
+            self.store.release_job_phase(lease, retry_in=PHASE_RETRY_S)
+        finally:
+            self.store.release_job_phase(lease)
+            self.joblog.flush()
+
+    def _enqueue(self, lease: JobLease, lost: Callable[[], bool]) -> None:
+        try:
+            enqueue.enqueue(self.store, self.files, lease, lost, self.joblog)
+        except enqueue.LeaseLost:
+            raise
+        except Exception as exc:
+            permanent = not isinstance(exc, OSError | ConnectionError | TimeoutError)
+            self.joblog.write(lease.job.id, "ERROR",
+                              f"enqueuing failed: {exc}\n{traceback.format_exc()}")
+            if self.store.fail_enqueue(lease, str(exc), permanent=permanent,
+                                       max_attempts=ENQUEUE_ATTEMPTS):
+                self.joblog.write(lease.job.id, "ERROR", "the job failed while enqueuing")
+            else:
+                self.store.release_job_phase(lease, retry_in=PHASE_RETRY_S)
+
+    def _complete(self, lease: JobLease) -> None:
+        job = lease.job
+        results_url = None
+        if job.options.output is OutputMode.APPEND_ROW:
+            results_url = f"{job.output_path}/{outputs.RESULTS_NAME}"
+            size = outputs.write_atomically(results_url, self._result_parts(job))
+            self.joblog.write(job.id, "INFO", f"wrote results ({size} bytes) to {results_url}")
+        if job.status is JobStatus.RUNNING:  # every batch ended: not stopped or failed
+            self._on_job_complete(job)
+        finished = self.store.finish_job(lease, results_url=results_url, now=time.time())
+        if finished is None:
+            raise enqueue.LeaseLost
+        self.joblog.write(job.id, "INFO", f"job ended: {finished.status.value}")
+        self.files.delete_prefix(enqueue.job_prefix(job.id))
+
+    def _result_parts(self, job: Job) -> Iterator[bytes]:
+        for batch in self.store.list_job_batches(job.id, ["succeeded"]):
+            if batch.out_key:
+                with self.files.open_read(batch.out_key) as part:
+                    while data := part.read(1 << 20):
+                        yield data
+
+    def _on_job_complete(self, job: Job) -> None:
+        try:
+            predictor = self._predictor(job)
+        except Exception:
+            self.joblog.write(job.id, "ERROR", "could not load the predictor to run "
+                                               f"on_job_complete:\n{traceback.format_exc()}")
+            return
+        if not predictor.has_on_job_complete:
+            return
+        self.joblog.write(job.id, "INFO", "executing on_job_complete")
+        try:
+            self._runner.run(predictor.on_job_complete())
+        except Exception:
+            self.joblog.write(job.id, "ERROR",
+                              f"on_job_complete raised:\n{traceback.format_exc()}")
+
+    # -- batches -----------------------------------------------------------------------
+
+    def _run_batch(self, lease: BatchLease) -> None:
+        job, index = lease.job, lease.spec.index
+        self.joblog.write(job.id, "INFO", f"batch {index}: started (attempt "
+                                          f"{lease.attempts + 1}, {lease.spec.n_items} items)")
+        self._cancel_asked = False
+        heartbeat = Heartbeat(lambda: self._renew(lease), self.lease_s / 3,
+                              on_lost=self._cancel_task, overdue=self._overdue,
+                              on_overdue=self._cancel_task)
+        started = time.monotonic()
+        try:
+            with heartbeat:
+                predictor = self._predictor(job)
+                self._report(job, WorkerState.RUNNING, index)
+                items = self._items(lease)
+                predictions = self._runner.run(self._predict(lease, predictor, items))
+                out_key = self._write_part(lease, items, predictions)
+        except asyncio.CancelledError:
+            self._cancelled(lease, heartbeat.lost)
+            return
+        except Exception as exc:
+            self._failed(lease, exc, time.monotonic() - started)
+            return
+        duration = time.monotonic() - started
+        if self.store.complete_batch(lease, out_key=out_key, duration_s=duration):
+            report = self._reports.get(job.id)
+            done = (report.batches_done if report else 0) + 1
+            self._report(job, WorkerState.IDLE, None, batches_done=done)
+            self.joblog.write(job.id, "INFO", f"batch {index}: succeeded in {duration:.3f}s")
+        else:
+            self.joblog.write(job.id, "WARNING", f"batch {index}: lease lost before its "
+                                                 f"results were recorded; they are dropped")
+            if out_key:
+                self.files.delete(out_key)
+
+    def _renew(self, lease: BatchLease) -> bool:
+        alive = self.store.renew_batch(lease, self.lease_s)
+        # The main thread is inside the predictor: heartbeats come from here.
+        self.store.touch_job_workers(self.worker_id, time.time())
+        return alive
+
+    def _items(self, lease: BatchLease) -> list[Any]:
+        spec = lease.spec
+        data = self.files.read_range(spec.segment_key, spec.start_offset, spec.end_offset)
+        return [orjson.loads(line) for line in data.splitlines() if line]
+
+    async def _predict(self, lease: BatchLease, predictor: LoadedPredictor,
+                       items: list[Any]) -> list[Any] | None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        if self._cancel_asked:
+            raise asyncio.CancelledError
+        try:
+            call = predictor.predict(items, lease.batch_id)
+            timeout = lease.job.options.batch_timeout_s
+            try:
+                return await asyncio.wait_for(call, timeout)
+            except TimeoutError:
+                # A sync predict may still be running in its thread: never reuse it.
+                self._unload(lease.job.id, WorkerState.FAILED)
+                raise BatchFailed(f"predict did not return within the batch_timeout of "
+                                  f"{timeout:g}s") from None
+        finally:
+            self._task = None
+
+    def _cancel_task(self) -> None:
+        self._cancel_asked = True
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            loop.call_soon_threadsafe(task.cancel)
+
+    def _write_part(self, lease: BatchLease, items: list[Any],
+                    predictions: list[Any] | None) -> str | None:
+        if lease.job.options.output is OutputMode.SUMMARY_ONLY:
+            return None
+        if predictions is None:
+            predictions = [None] * len(items)
+        if len(predictions) != len(items):
+            raise BatchFailed(f"predict returned {len(predictions)} predictions for "
+                              f"{len(items)} items; append_row needs one per item")
+        out = bytearray()
+        first = lease.spec.first_item
+        for offset, (item, prediction) in enumerate(zip(items, predictions, strict=True)):
+            row = {"batch_id": lease.batch_id, "index": first + offset, "item": item,
+                   "prediction": prediction}
+            try:
+                out += orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)
+            except TypeError as exc:
+                raise BatchFailed(f"the prediction for item {offset} of the batch is not "
+                                  f"JSON-serializable: {exc}") from None
+            out += b"\n"
+        key = f"{enqueue.parts_prefix(lease.job.id)}/{lease.spec.index:09d}-{lease.token}.jsonl"
+        with self.files.open_write(key) as part:
+            part.write(out)
+        return key
+
+    def _cancelled(self, lease: BatchLease, lost: bool) -> None:
+        index = lease.spec.index
+        if lost:
+            self.joblog.write(lease.job.id, "INFO", f"batch {index}: lease lost (the job "
+                                                    f"was stopped or timed out?); leaving it")
+        else:
+            self.store.release_batch(lease)
+            self.joblog.write(lease.job.id, "INFO", f"batch {index}: handed back, the worker "
+                                                    f"is stopping")
+        self._report(lease.job, WorkerState.IDLE, None)
+
+    def _failed(self, lease: BatchLease, exc: Exception, duration: float) -> None:
+        job, index = lease.job, lease.spec.index
+        detail = str(exc) if isinstance(exc, BatchFailed) else traceback.format_exc()
+        dead = self.store.fail_batch_attempt(
+            lease, detail, delay_s=self.retry.delay(lease.attempts + 1))
+        what = "out of retries: it is now a dead letter" if dead else "it will be retried"
+        self.joblog.write(job.id, "ERROR", f"batch {index}: failed after {duration:.3f}s "
+                                           f"({what}):\n{detail}")
+        if job.id in self._loaded:  # else loading it failed, and it was reported so
+            self._report(job, WorkerState.IDLE, None)
+
+    # -- predictors and worker states --------------------------------------------------
+
+    def _predictor(self, job: Job) -> LoadedPredictor:
+        loaded = self._loaded.get(job.id)
+        if loaded is not None:
+            self._loaded.move_to_end(job.id)
+            return loaded
+        deployment = next((d for d in self.store.list_deployments()
+                           if d.name == job.qualified_deployment), None)
+        if deployment is None:
+            raise BatchFailed(f"the deployment '{job.qualified_deployment}' no longer exists")
+        self._report(job, WorkerState.INITIALIZING, None)
+        self.joblog.write(job.id, "INFO", f"worker {self.worker_id} (pid {self.pid}) is "
+                                          f"loading the predictor")
+        options = parse_options(secrets.open_options(deployment.options,
+                                                     secrets.SecretBox.from_env()),
+                                f"deployment '{deployment.name}' options")
+        try:
+            loaded = self._runner.run(load_predictor(options, job.spec()))
+        except Exception:
+            self._report(job, WorkerState.FAILED, None)
+            raise
+        self._loaded[job.id] = loaded
+        while len(self._loaded) > MAX_LOADED:
+            self._unload(next(iter(self._loaded)), WorkerState.SUCCEEDED)
+        self._report(job, WorkerState.IDLE, None)
+        return loaded
+
+    def _unload(self, job_id: str, state: WorkerState) -> None:
+        loaded = self._loaded.pop(job_id, None)
+        if loaded is not None:
+            loaded.close()
+        report = self._reports.pop(job_id, None)
+        if report is not None and report.state is not WorkerState.FAILED:
+            self._store_report(dataclasses.replace(report, state=state, current_batch=None,
+                                                   last_heartbeat=time.time()))
+            self.joblog.write(job_id, "INFO", f"worker {self.worker_id} left the job "
+                                              f"({state.value})")
+
+    def _report(self, job: Job, state: WorkerState, current: int | None, *,
+                batches_done: int | None = None) -> None:
+        now = time.time()
+        previous = self._reports.get(job.id)
+        report = JobWorker(job_id=job.id, worker_id=self.worker_id, host=self.host,
+                           pid=self.pid, state=state, current_batch=current,
+                           batches_done=(batches_done if batches_done is not None
+                                         else previous.batches_done if previous else 0),
+                           started_at=previous.started_at if previous else now,
+                           last_heartbeat=now)
+        self._reports[job.id] = report
+        self._store_report(report)
+
+    def _store_report(self, report: JobWorker) -> None:
+        try:
+            self.store.report_job_worker(report)
+        except Exception:
+            log.exception("could not record this worker's state for job %s", report.job_id)

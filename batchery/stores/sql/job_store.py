@@ -1,0 +1,578 @@
+"""The job store on SQLAlchemy Core: mixed into `SqlStore`, whose engine and database
+clock it shares."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, RowMapping
+
+from batchery import ids
+from batchery.deployments import API, Deployment, Endpoint
+from batchery.exceptions import Conflict, NotFound
+from batchery.jobs.model import (
+    IN_PROGRESS,
+    OPEN_BATCH_STATES,
+    BatchLease,
+    BatchMetrics,
+    BatchSpec,
+    BatchState,
+    InputKind,
+    Job,
+    JobBatch,
+    JobInput,
+    JobLease,
+    JobOptions,
+    JobStage,
+    JobStatus,
+    JobWorker,
+    LogLine,
+    OutputMode,
+    WorkerState,
+)
+from batchery.jobs.store import JobStore, NewLogLine, ReapedBatch
+from batchery.paging import Page
+from batchery.stores.sql.tables import (
+    deployments,
+    endpoints,
+    job_batches,
+    job_logs,
+    job_workers,
+    jobs,
+)
+
+_IN_PROGRESS = [s.value for s in IN_PROGRESS]
+_ACTIVE_STAGES = (JobStage.ENQUEUE.value, JobStage.RUN.value)
+#: Worker states that still expect heartbeats.
+_LIVE_WORKER_STATES = (WorkerState.INITIALIZING.value, WorkerState.RUNNING.value,
+                       WorkerState.IDLE.value)
+
+
+class SqlJobStore(JobStore):
+    engine: Engine
+    _now: sa.ColumnElement[float]
+
+    # -- endpoints ---------------------------------------------------------------------
+
+    def list_endpoints(self) -> list[Endpoint]:
+        with self.engine.begin() as conn:
+            rows = conn.execute(endpoints.select().order_by(endpoints.c.name)).mappings()
+            return [_endpoint(r) for r in rows]
+
+    def create_endpoint(self, endpoint: Endpoint, members: Sequence[Deployment]) -> None:
+        with self.engine.begin() as conn:
+            if _name_taken(conn, endpoint.name):
+                raise Conflict(f"The name '{endpoint.name}' is already taken.")
+            conn.execute(endpoints.insert().values(**_endpoint_row(endpoint)))
+            for member in members:
+                self._insert_deployment(conn, member)
+
+    def add_deployment(self, deployment: Deployment) -> None:
+        assert deployment.endpoint is not None
+        with self.engine.begin() as conn:
+            if conn.execute(endpoints.select().where(
+                    endpoints.c.name == deployment.endpoint)).first() is None:
+                raise NotFound(f"No endpoint named '{deployment.endpoint}'.", param="endpoint")
+            self._insert_deployment(conn, deployment)
+
+    def _insert_deployment(self, conn: Connection, deployment: Deployment) -> None:
+        if _name_taken(conn, deployment.name):
+            raise Conflict(f"The deployment '{deployment.short_name}' already exists.")
+        conn.execute(deployments.insert().values(
+            name=deployment.name, backend=deployment.backend, options=deployment.options,
+            endpoint=deployment.endpoint, source=deployment.source,
+            workers=deployment.workers.to_dict() if deployment.workers else None))
+
+    def set_default_deployment(self, endpoint: str, deployment: str) -> Endpoint:
+        with self.engine.begin() as conn:
+            row = conn.execute(endpoints.select().where(endpoints.c.name == endpoint)
+                               ).mappings().first()
+            if row is None:
+                raise NotFound(f"No endpoint named '{endpoint}'.", param="endpoint")
+            member = conn.execute(deployments.select().where(
+                deployments.c.name == f"{endpoint}/{deployment}")).first()
+            if member is None:
+                raise NotFound(f"The endpoint '{endpoint}' has no deployment named "
+                               f"'{deployment}'.", param="default_deployment")
+            conn.execute(endpoints.update().where(endpoints.c.name == endpoint)
+                         .values(default_deployment=deployment))
+            return _endpoint({**row, "default_deployment": deployment})
+
+    def delete_endpoint(self, name: str) -> None:
+        with self.engine.begin() as conn:
+            row = conn.execute(endpoints.select().where(endpoints.c.name == name)
+                               ).mappings().first()
+            if row is None:
+                raise NotFound(f"No endpoint named '{name}'.", param="endpoint")
+            if row["source"] != API:
+                raise Conflict(f"The endpoint '{name}' is declared in the config file; "
+                               f"remove it there.")
+            busy = conn.execute(sa.select(jobs.c.id).where(
+                jobs.c.endpoint == name, jobs.c.stage != JobStage.DONE.value).limit(1)).first()
+            if busy is not None:
+                raise Conflict(f"The endpoint '{name}' has jobs in progress.")
+            conn.execute(deployments.delete().where(deployments.c.endpoint == name))
+            conn.execute(endpoints.delete().where(endpoints.c.name == name))
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def insert_job(self, job: Job) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(jobs.insert().values(**_job_row(job)))
+
+    def get_job(self, project: str | None, job_id: str) -> Job | None:
+        with self.engine.begin() as conn:
+            return _get_job(conn, project, job_id)
+
+    def list_jobs(self, project: str, *, endpoint: str | None, status: JobStatus | None,
+                  after: str | None, limit: int) -> Page[Job]:
+        query = jobs.select().where(jobs.c.project == project)
+        if endpoint is not None:
+            query = query.where(jobs.c.endpoint == endpoint)
+        if status is not None:
+            query = query.where(jobs.c.status == status.value)
+        if after:
+            anchor = sa.select(jobs.c.seq).where(jobs.c.id == after).scalar_subquery()
+            query = query.where(jobs.c.seq < anchor)
+        with self.engine.begin() as conn:
+            rows = list(conn.execute(query.order_by(jobs.c.seq.desc()).limit(limit + 1))
+                        .mappings())
+        return Page([_job(r) for r in rows[:limit]], len(rows) > limit)
+
+    def end_job(self, job_id: str, status: JobStatus, error: str | None,
+                project: str | None = None) -> Job:
+        with self.engine.begin() as conn:
+            job = _get_job(conn, project, job_id)
+            if job is None:
+                raise NotFound(f"No job found with id '{job_id}'.")
+            if not _end(conn, job_id, status, error):
+                raise Conflict(f"The job has already ended with status '{job.status.value}'.")
+            ended = _get_job(conn, project, job_id)
+        assert ended is not None
+        return ended
+
+    def time_out_jobs(self, now: float) -> list[str]:
+        with self.engine.begin() as conn:
+            due = [r.id for r in conn.execute(sa.select(jobs.c.id).where(
+                jobs.c.status.in_(_IN_PROGRESS), jobs.c.deadline <= now))]
+            return [job_id for job_id in due
+                    if _end(conn, job_id, JobStatus.TIMED_OUT, "the job's timeout ran out")]
+
+    def list_job_batches(self, job_id: str, states: Collection[str] | None = None
+                         ) -> list[JobBatch]:
+        query = job_batches.select().where(job_batches.c.job_id == job_id)
+        if states is not None:
+            query = query.where(job_batches.c.state.in_(list(states)))
+        with self.engine.begin() as conn:
+            rows = conn.execute(query.order_by(job_batches.c.idx)).mappings()
+            return [JobBatch(job_id=r["job_id"], spec=_spec(r), state=BatchState(r["state"]),
+                             attempts=r["attempts"], last_error=r["last_error"],
+                             out_key=r["out_key"], duration_s=r["duration_s"]) for r in rows]
+
+    def batch_state_counts(self, job_id: str) -> dict[str, int]:
+        query = (sa.select(job_batches.c.state, sa.func.count())
+                 .where(job_batches.c.job_id == job_id).group_by(job_batches.c.state))
+        with self.engine.begin() as conn:
+            return {state: int(n) for state, n in conn.execute(query)}
+
+    def job_demand(self) -> dict[str, int]:
+        open_batches = (sa.select(job_batches.c.job_id, sa.func.count().label("n"))
+                        .where(job_batches.c.state.in_(OPEN_BATCH_STATES))
+                        .group_by(job_batches.c.job_id).subquery())
+        query = (sa.select(jobs.c.endpoint, jobs.c.deployment, jobs.c.stage, jobs.c.options,
+                           sa.func.coalesce(open_batches.c.n, 0).label("n"))
+                 .outerjoin(open_batches, open_batches.c.job_id == jobs.c.id)
+                 .where(jobs.c.stage != JobStage.DONE.value))
+        demand: dict[str, int] = {}
+        with self.engine.begin() as conn:
+            for row in conn.execute(query):
+                limit = row.options.get("workers") or row.n
+                want = min(limit, row.n) + (0 if row.stage == JobStage.RUN.value else 1)
+                key = f"{row.endpoint}/{row.deployment}"
+                demand[key] = demand.get(key, 0) + want
+        return demand
+
+    def job_counts(self) -> dict[str, dict[str, int]]:
+        with self.engine.begin() as conn:
+            by_status = conn.execute(sa.select(jobs.c.status, sa.func.count())
+                                     .group_by(jobs.c.status))
+            by_state = conn.execute(sa.select(job_batches.c.state, sa.func.count())
+                                    .group_by(job_batches.c.state))
+            return {"jobs": {s: int(n) for s, n in by_status},
+                    "job_batches": {s: int(n) for s, n in by_state}}
+
+    # -- job-level work ----------------------------------------------------------------
+
+    def claim_job_phase(self, owner: str, lease_s: float,
+                        deployments: Collection[str] | None) -> JobLease | None:
+        in_flight = sa.exists().where(job_batches.c.job_id == jobs.c.id,
+                                      job_batches.c.state == BatchState.LEASED.value)
+        needs_work = sa.or_(jobs.c.stage == JobStage.ENQUEUE.value,
+                            sa.and_(jobs.c.stage == JobStage.COMPLETE.value, ~in_flight))
+        candidate = (sa.select(jobs.c.seq)
+                     .where(needs_work, _of_deployments(deployments),
+                            sa.or_(jobs.c.lease_expires_at.is_(None),
+                                   jobs.c.lease_expires_at < self._now))
+                     .order_by(jobs.c.seq).limit(1).with_for_update(skip_locked=True))
+        token = ids.lease_token()
+        with self.engine.begin() as conn:
+            seq = conn.execute(candidate).scalar()
+            if seq is None:
+                return None
+            conn.execute(jobs.update().where(jobs.c.seq == seq).values(
+                lease_owner=owner, lease_token=token, lease_expires_at=self._now + lease_s))
+            row = conn.execute(jobs.select().where(jobs.c.seq == seq)).mappings().one()
+        return JobLease(job=_job(row), token=token)
+
+    def _job_fence(self, lease: JobLease) -> sa.ColumnElement[bool]:
+        return sa.and_(jobs.c.id == lease.job.id, jobs.c.lease_token == lease.token,
+                       jobs.c.stage == lease.job.stage.value)
+
+    def renew_job_phase(self, lease: JobLease, lease_s: float) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(jobs.update().where(self._job_fence(lease)).values(
+                lease_expires_at=self._now + lease_s))
+            return result.rowcount == 1
+
+    def release_job_phase(self, lease: JobLease, retry_in: float | None = None) -> None:
+        expires = self._now + retry_in if retry_in else None
+        with self.engine.begin() as conn:
+            conn.execute(jobs.update().where(
+                jobs.c.id == lease.job.id, jobs.c.lease_token == lease.token,
+            ).values(lease_owner=None, lease_token=None, lease_expires_at=expires))
+
+    def add_batches(self, lease: JobLease, batches: Sequence[BatchSpec], now: float) -> bool:
+        n_items = sum(b.n_items for b in batches)
+        with self.engine.begin() as conn:
+            result = conn.execute(jobs.update().where(self._job_fence(lease)).values(
+                status=sa.case((jobs.c.status == JobStatus.PENDING.value,
+                                JobStatus.ENQUEUING.value), else_=jobs.c.status),
+                started_at=sa.func.coalesce(jobs.c.started_at, now),
+                total_batch_count=jobs.c.total_batch_count + len(batches),
+                total_items=jobs.c.total_items + n_items))
+            if result.rowcount != 1:
+                return False
+            if batches:
+                conn.execute(job_batches.insert(), [
+                    {"job_id": lease.job.id, "idx": b.index, "segment_key": b.segment_key,
+                     "start_offset": b.start_offset, "end_offset": b.end_offset,
+                     "first_item": b.first_item, "n_items": b.n_items,
+                     "state": BatchState.QUEUED.value} for b in batches])
+        return True
+
+    def finish_enqueue(self, lease: JobLease) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(jobs.update().where(self._job_fence(lease)).values(
+                status=JobStatus.RUNNING.value, stage=JobStage.RUN.value, lease_owner=None,
+                lease_token=None, lease_expires_at=None))
+            if result.rowcount != 1:
+                return False
+            _complete_if_drained(conn, lease.job.id)
+        return True
+
+    def fail_enqueue(self, lease: JobLease, error: str, *, permanent: bool,
+                     max_attempts: int) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(jobs.update().where(self._job_fence(lease)).values(
+                enqueue_attempts=jobs.c.enqueue_attempts + 1)
+                .returning(jobs.c.enqueue_attempts))
+            attempts = result.scalar()
+            if attempts is None:
+                return False
+            if permanent or attempts >= max_attempts:
+                return _end(conn, lease.job.id, JobStatus.FAILED, f"enqueuing failed: {error}")
+        return False
+
+    def finish_job(self, lease: JobLease, *, results_url: str | None, now: float) -> Job | None:
+        final = sa.case(
+            (jobs.c.status.not_in(_IN_PROGRESS), jobs.c.status),
+            (jobs.c.dead_letters > 0, JobStatus.COMPLETED_WITH_FAILURES.value),
+            else_=JobStatus.SUCCEEDED.value)
+        with self.engine.begin() as conn:
+            result = conn.execute(jobs.update().where(self._job_fence(lease)).values(
+                status=final, stage=JobStage.DONE.value, results_url=results_url,
+                ended_at=now, lease_owner=None, lease_token=None, lease_expires_at=None))
+            if result.rowcount != 1:
+                return None
+            conn.execute(job_workers.update().where(
+                job_workers.c.job_id == lease.job.id,
+                job_workers.c.state.in_(_LIVE_WORKER_STATES),
+            ).values(state=WorkerState.SUCCEEDED.value, current_batch=None))
+            return _get_job(conn, None, lease.job.id)
+
+    # -- the batch queue ---------------------------------------------------------------
+
+    def claim_batch(self, owner: str, lease_s: float,
+                    deployments: Collection[str] | None) -> BatchLease | None:
+        other = job_batches.alias("other")
+        in_flight = (sa.select(sa.func.count()).select_from(other)
+                     .where(other.c.job_id == jobs.c.id,
+                            other.c.state == BatchState.LEASED.value)
+                     .correlate(jobs).scalar_subquery())
+        workers = jobs.c.options["workers"].as_integer()
+        candidate = (sa.select(job_batches.c.id)
+                     .join(jobs, jobs.c.id == job_batches.c.job_id)
+                     .where(job_batches.c.state == BatchState.QUEUED.value,
+                            jobs.c.stage.in_(_ACTIVE_STAGES),
+                            _of_deployments(deployments),
+                            sa.or_(job_batches.c.not_before.is_(None),
+                                   job_batches.c.not_before <= self._now),
+                            sa.or_(workers.is_(None), in_flight < workers))
+                     .order_by(job_batches.c.id).limit(1)
+                     .with_for_update(skip_locked=True, of=job_batches))
+        token = ids.lease_token()
+        with self.engine.begin() as conn:
+            batch_id = conn.execute(candidate).scalar()
+            if batch_id is None:
+                return None
+            conn.execute(job_batches.update().where(job_batches.c.id == batch_id).values(
+                state=BatchState.LEASED.value, lease_owner=owner, lease_token=token,
+                lease_expires_at=self._now + lease_s))
+            row = conn.execute(job_batches.select().where(job_batches.c.id == batch_id)
+                               ).mappings().one()
+            job = _get_job(conn, None, row["job_id"])
+        assert job is not None
+        return BatchLease(id=batch_id, job=job, spec=_spec(row), token=token,
+                          attempts=row["attempts"])
+
+    def _job_batch_fence(self, lease: BatchLease) -> sa.ColumnElement[bool]:
+        return sa.and_(job_batches.c.id == lease.id, job_batches.c.lease_token == lease.token,
+                       job_batches.c.state == BatchState.LEASED.value)
+
+    def renew_batch(self, lease: BatchLease, lease_s: float) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(job_batches.update().where(self._job_batch_fence(lease))
+                                  .values(lease_expires_at=self._now + lease_s))
+            return result.rowcount == 1
+
+    def complete_batch(self, lease: BatchLease, *, out_key: str | None,
+                       duration_s: float) -> bool:
+        with self.engine.begin() as conn:
+            done = conn.execute(job_batches.update().where(self._job_batch_fence(lease)).values(
+                state=BatchState.SUCCEEDED.value, lease_token=None, lease_owner=None,
+                out_key=out_key, duration_s=duration_s))
+            if done.rowcount != 1:
+                return False
+            conn.execute(jobs.update().where(jobs.c.id == lease.job.id).values(
+                batches_succeeded=jobs.c.batches_succeeded + 1,
+                items_succeeded=jobs.c.items_succeeded + lease.spec.n_items,
+                batch_time_s=jobs.c.batch_time_s + duration_s))
+            _complete_if_drained(conn, lease.job.id)
+        return True
+
+    def fail_batch_attempt(self, lease: BatchLease, error: str, *, delay_s: float) -> bool:
+        with self.engine.begin() as conn:
+            dead = _requeue(conn, lease.id, lease.token, error, delay_s, self._now)
+        return bool(dead)
+
+    def release_batch(self, lease: BatchLease) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(job_batches.update().where(self._job_batch_fence(lease)).values(
+                state=BatchState.QUEUED.value, lease_token=None, lease_owner=None,
+                lease_expires_at=None))
+
+    def reap_expired_batches(self) -> list[ReapedBatch]:
+        expired = sa.select(job_batches.c.id, job_batches.c.lease_token,
+                            job_batches.c.lease_owner, job_batches.c.job_id,
+                            job_batches.c.idx).where(
+            job_batches.c.state == BatchState.LEASED.value,
+            job_batches.c.lease_expires_at < self._now)
+        reaped: list[ReapedBatch] = []
+        with self.engine.begin() as conn:
+            for row in list(conn.execute(expired)):
+                dead = _requeue(conn, row.id, row.lease_token,
+                                "the worker running this batch stopped renewing its lease "
+                                "(it died or hung)", 0.0, self._now)
+                if dead is None:
+                    continue
+                if row.lease_owner:
+                    conn.execute(job_workers.update().where(
+                        job_workers.c.job_id == row.job_id,
+                        job_workers.c.worker_id == row.lease_owner,
+                    ).values(state=WorkerState.FAILED.value))
+                reaped.append(ReapedBatch(job_id=row.job_id, index=row.idx,
+                                          owner=row.lease_owner, dead=dead))
+        return reaped
+
+    # -- workers and logs --------------------------------------------------------------
+
+    def report_job_worker(self, worker: JobWorker) -> None:
+        values = {"host": worker.host, "pid": worker.pid, "state": worker.state.value,
+                  "current_batch": worker.current_batch, "batches_done": worker.batches_done,
+                  "started_at": worker.started_at, "last_heartbeat": worker.last_heartbeat}
+        key = sa.and_(job_workers.c.job_id == worker.job_id,
+                      job_workers.c.worker_id == worker.worker_id)
+        with self.engine.begin() as conn:
+            if conn.execute(job_workers.update().where(key).values(**values)).rowcount == 0:
+                conn.execute(job_workers.insert().values(
+                    job_id=worker.job_id, worker_id=worker.worker_id, **values))
+
+    def touch_job_workers(self, worker_id: str, now: float) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(job_workers.update().where(
+                job_workers.c.worker_id == worker_id,
+                job_workers.c.state.in_(_LIVE_WORKER_STATES),
+            ).values(last_heartbeat=now))
+
+    def list_job_workers(self, job_id: str) -> list[JobWorker]:
+        query = (job_workers.select().where(job_workers.c.job_id == job_id)
+                 .order_by(job_workers.c.started_at))
+        with self.engine.begin() as conn:
+            return [JobWorker(job_id=r["job_id"], worker_id=r["worker_id"], host=r["host"],
+                              pid=r["pid"], state=WorkerState(r["state"]),
+                              current_batch=r["current_batch"],
+                              batches_done=r["batches_done"], started_at=r["started_at"],
+                              last_heartbeat=r["last_heartbeat"])
+                    for r in conn.execute(query).mappings()]
+
+    def append_logs(self, lines: Sequence[NewLogLine]) -> None:
+        if not lines:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(job_logs.insert(), [
+                {"job_id": x.job_id, "ts": x.ts, "level": x.level[:8],
+                 "source": x.source[:128], "message": x.message} for x in lines])
+
+    def read_logs(self, job_id: str, *, after: int, limit: int) -> list[LogLine]:
+        query = (job_logs.select().where(job_logs.c.job_id == job_id, job_logs.c.id > after)
+                 .order_by(job_logs.c.id).limit(limit))
+        with self.engine.begin() as conn:
+            return [LogLine(id=r["id"], job_id=r["job_id"], ts=r["ts"], level=r["level"],
+                            source=r["source"], message=r["message"])
+                    for r in conn.execute(query).mappings()]
+
+
+# -- helpers that run inside a transaction -------------------------------------------------
+
+def _of_deployments(names: Collection[str] | None) -> sa.ColumnElement[bool]:
+    if names is None:
+        return sa.true()
+    qualified = jobs.c.endpoint + "/" + jobs.c.deployment
+    return qualified.in_(list(names))
+
+
+def _get_job(conn: Connection, project: str | None, job_id: str) -> Job | None:
+    query = jobs.select().where(jobs.c.id == job_id)
+    if project is not None:
+        query = query.where(jobs.c.project == project)
+    row = conn.execute(query).mappings().first()
+    return _job(row) if row else None
+
+
+def _end(conn: Connection, job_id: str, status: JobStatus, error: str | None) -> bool:
+    """A job in progress takes its terminal status; its queued batches are dropped."""
+    result = conn.execute(jobs.update().where(
+        jobs.c.id == job_id, jobs.c.status.in_(_IN_PROGRESS),
+    ).values(status=status.value, error=error, stage=sa.case(
+        (jobs.c.stage.in_(_ACTIVE_STAGES), JobStage.COMPLETE.value), else_=jobs.c.stage)))
+    if result.rowcount != 1:
+        return False
+    conn.execute(job_batches.update().where(
+        job_batches.c.job_id == job_id, job_batches.c.state == BatchState.QUEUED.value,
+    ).values(state=BatchState.ABORTED.value))
+    return True
+
+
+def _complete_if_drained(conn: Connection, job_id: str) -> None:
+    still_open = sa.exists().where(job_batches.c.job_id == job_id,
+                                   job_batches.c.state.in_(OPEN_BATCH_STATES))
+    conn.execute(jobs.update().where(
+        jobs.c.id == job_id, jobs.c.stage == JobStage.RUN.value, ~still_open,
+    ).values(stage=JobStage.COMPLETE.value))
+
+
+def _requeue(conn: Connection, batch_id: int, token: str, error: str, delay_s: float,
+             now: sa.ColumnElement[float]) -> bool | None:
+    """Count a failed attempt of a leased batch: back to the queue, or a dead letter once
+    out of retries. None if the lease was not current."""
+    row = conn.execute(
+        sa.select(job_batches.c.attempts, job_batches.c.job_id, job_batches.c.n_items,
+                  jobs.c.options)
+        .join(jobs, jobs.c.id == job_batches.c.job_id)
+        .where(job_batches.c.id == batch_id, job_batches.c.lease_token == token,
+               job_batches.c.state == BatchState.LEASED.value)).first()
+    if row is None:
+        return None
+    attempts = row.attempts + 1
+    dead = bool(attempts > int(row.options.get("max_retries", 3)))
+    conn.execute(job_batches.update().where(job_batches.c.id == batch_id).values(
+        state=(BatchState.FAILED if dead else BatchState.QUEUED).value, attempts=attempts,
+        lease_token=None, lease_owner=None, lease_expires_at=None, last_error=error,
+        not_before=now + delay_s if delay_s and not dead else None))
+    counters: dict[str, Any] = {"failed_attempts": jobs.c.failed_attempts + 1}
+    if dead:
+        counters |= {"dead_letters": jobs.c.dead_letters + 1,
+                     "items_failed": jobs.c.items_failed + row.n_items}
+    conn.execute(jobs.update().where(jobs.c.id == row.job_id).values(**counters))
+    if dead:
+        threshold = int(row.options.get("error_threshold", -1))
+        failed = conn.execute(sa.select(jobs.c.dead_letters).where(
+            jobs.c.id == row.job_id)).scalar_one()
+        if 0 <= threshold < failed:
+            _end(conn, row.job_id, JobStatus.FAILED,
+                 f"{failed} batch(es) failed, more than the error_threshold of {threshold}")
+        _complete_if_drained(conn, row.job_id)
+    return dead
+
+
+def _name_taken(conn: Connection, name: str) -> bool:
+    return (conn.execute(endpoints.select().where(endpoints.c.name == name)).first()
+            is not None or
+            conn.execute(deployments.select().where(deployments.c.name == name)).first()
+            is not None)
+
+
+def _endpoint_row(endpoint: Endpoint) -> dict[str, Any]:
+    return {"name": endpoint.name, "default_deployment": endpoint.default_deployment,
+            "source": endpoint.source, "created_at": endpoint.created_at or time.time()}
+
+
+def _endpoint(row: Any) -> Endpoint:
+    return Endpoint(name=row["name"], default_deployment=row["default_deployment"],
+                    source=row["source"], created_at=row["created_at"])
+
+
+def _job_row(job: Job) -> dict[str, Any]:
+    o = job.options
+    return {"id": job.id, "project": job.project, "endpoint": job.endpoint,
+            "deployment": job.deployment, "status": job.status.value,
+            "stage": job.stage.value,
+            "input": {"kind": job.input.kind.value, **job.input.to_dict()},
+            "options": {"workers": o.workers, "config": o.config, "timeout": o.timeout_s,
+                        "batch_timeout": o.batch_timeout_s, "max_retries": o.max_retries,
+                        "error_threshold": o.error_threshold, "output": o.output.value},
+            "output_path": job.output_path, "created_at": job.created_at,
+            "deadline": job.deadline}
+
+
+def _job(row: RowMapping) -> Job:
+    raw_input, raw = dict(row["input"]), row["options"]
+    kind = InputKind(raw_input.pop("kind"))
+    job_input = JobInput(kind=kind, batch_size=raw_input["batch_size"],
+                         items=raw_input.get("items"),
+                         paths=tuple(raw_input.get("paths", ())),
+                         includes=tuple(raw_input.get("includes", ())),
+                         excludes=tuple(raw_input.get("excludes", ())))
+    options = JobOptions(workers=raw["workers"], config=raw["config"],
+                         timeout_s=raw["timeout"], batch_timeout_s=raw["batch_timeout"],
+                         max_retries=raw["max_retries"], error_threshold=raw["error_threshold"],
+                         output=OutputMode(raw["output"]))
+    metrics = BatchMetrics(succeeded=row["batches_succeeded"], failed=row["failed_attempts"],
+                           dead_letters=row["dead_letters"], total_time_s=row["batch_time_s"])
+    return Job(id=row["id"], project=row["project"], endpoint=row["endpoint"],
+               deployment=row["deployment"], input=job_input, options=options,
+               output_path=row["output_path"], status=JobStatus(row["status"]),
+               stage=JobStage(row["stage"]), total_batch_count=row["total_batch_count"],
+               total_items=row["total_items"], items_succeeded=row["items_succeeded"],
+               items_failed=row["items_failed"], metrics=metrics, error=row["error"],
+               created_at=row["created_at"], started_at=row["started_at"],
+               ended_at=row["ended_at"], results_url=row["results_url"])
+
+
+def _spec(row: RowMapping) -> BatchSpec:
+    return BatchSpec(index=row["idx"], segment_key=row["segment_key"],
+                     start_offset=row["start_offset"], end_offset=row["end_offset"],
+                     first_item=row["first_item"], n_items=row["n_items"])

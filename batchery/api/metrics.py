@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from batchery.batches import BatchStatus
 from batchery.chunks import ChunkState
+from batchery.jobs.model import BatchState, JobStatus
 from batchery.store import Store
 
 #: A worker whose last heartbeat is older than this counts as gone, in seconds.
@@ -44,6 +45,25 @@ class StoreCollector(Collector):
         for name, n in sorted(live.items()):
             workers.add_metric([name], n)
         yield workers
+        yield from self._jobs()
+
+    def _jobs(self) -> Iterator[Metric]:
+        counts = self.store.job_counts()
+        jobs = GaugeMetricFamily("batchery_jobs", "Jobs by status", labels=["status"])
+        for status in JobStatus:
+            jobs.add_metric([status.value], counts["jobs"].get(status.value, 0))
+        yield jobs
+        batches = GaugeMetricFamily("batchery_job_batches", "Job batches by state",
+                                    labels=["state"])
+        for state in BatchState:
+            batches.add_metric([state.value], counts["job_batches"].get(state.value, 0))
+        yield batches
+        demand = GaugeMetricFamily("batchery_job_worker_demand",
+                                   "Workers each deployment's jobs could use now",
+                                   labels=["deployment"])
+        for name, n in sorted(self.store.job_demand().items()):
+            demand.add_metric([name], n)
+        yield demand
 
 
 def _route_label(request: Request) -> str:

@@ -277,7 +277,7 @@ def test_logs_follow_streams_lines_as_they_happen(jobs: Jobs, server: Server) ->
     last_success = next(t for t, line in seen if "batch 7: succeeded" in line)
     # Lines arrived as the batches ran, not all at the end.
     assert last_success - first_success > 1.5
-    assert "job ended: succeeded" in seen[-1][1]
+    assert any("job ended: succeeded" in line for _, line in seen[-3:])
 
 
 def test_endpoints_are_managed_over_rest_and_usable_as_models(jobs: Jobs,
@@ -333,3 +333,49 @@ def test_jobs_are_listed_with_filters_and_pages(jobs: Jobs) -> None:
     succeeded = jobs.http.get("/jobs", params={"status": "succeeded"}).json()["data"]
     assert all(j["status"] == "succeeded" for j in succeeded)
     assert jobs.http.get("/jobs", params={"status": "nope"}).status_code == 400
+
+
+def test_batch_timeout_fails_the_attempt(jobs: Jobs) -> None:
+    job = jobs.submit("nums", {"item_list": {"items": [1, 2], "batch_size": 1},
+                               "batch_timeout": 0.3, "max_retries": 0, "workers": 1,
+                               "config": {"sleep": 1.0}})
+    done = jobs.wait(job["id"])
+    assert done["status"] == "completed_with_failures"
+    dead = jobs.listing(f"/jobs/{job['id']}/failed_batches")
+    assert len(dead) == 2
+    assert all("batch_timeout of 0.3s" in d["error"] for d in dead)
+
+
+def test_pools_scale_to_zero_and_metrics_show_jobs(jobs: Jobs, server: Server) -> None:
+    job = jobs.submit("nums", {"item_list": {"items": [1, 2, 3], "batch_size": 1},
+                               "deployment": "conf", "dry_run": False})
+    assert jobs.wait(job["id"])["status"] == "succeeded"
+    dry = jobs.http.post("/endpoints/nums/jobs", params={"dry_run": "true"},
+                         json={"item_list": {"items": [1, 2, 3], "batch_size": 2}})
+    assert dry.json()["total_batch_count"] == 2
+    # `conf` has min 0, idle_seconds 3: once idle, its workers exit; `crashy` keeps min 1.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "nums/conf" in _pool_workers(server):
+        time.sleep(0.5)
+    running = _pool_workers(server)
+    assert "nums/conf" not in running
+    assert running.count("nums/crashy") == 1
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert 'batchery_jobs{status="succeeded"}' in metrics
+    assert 'batchery_job_batches{state="succeeded"}' in metrics
+
+
+def _pool_workers(server: Server) -> list[str]:
+    """The deployments of the worker processes `batchery serve` runs now."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[1]) == server.process.pid and b"--deployment" in args:
+            found.append(args[args.index(b"--deployment") + 1].decode())
+    return found

@@ -490,7 +490,7 @@ def _requeue(conn: Connection, batch_id: int, token: str, error: str, delay_s: f
     out of retries. None if the lease was not current."""
     row = conn.execute(
         sa.select(job_batches.c.attempts, job_batches.c.job_id, job_batches.c.n_items,
-                  jobs.c.options)
+                  jobs.c.options, jobs.c.stage)
         .join(jobs, jobs.c.id == job_batches.c.job_id)
         .where(job_batches.c.id == batch_id, job_batches.c.lease_token == token,
                job_batches.c.state == BatchState.LEASED.value)).first()
@@ -498,8 +498,10 @@ def _requeue(conn: Connection, batch_id: int, token: str, error: str, delay_s: f
         return None
     attempts = row.attempts + 1
     dead = bool(attempts > int(row.options.get("max_retries", 3)))
+    # A job that has ended runs nothing more: its batch is dropped rather than requeued.
+    retry = BatchState.QUEUED if row.stage in _ACTIVE_STAGES else BatchState.ABORTED
     conn.execute(job_batches.update().where(job_batches.c.id == batch_id).values(
-        state=(BatchState.FAILED if dead else BatchState.QUEUED).value, attempts=attempts,
+        state=(BatchState.FAILED if dead else retry).value, attempts=attempts,
         lease_token=None, lease_owner=None, lease_expires_at=None, last_error=error,
         not_before=now + delay_s if delay_s and not dead else None))
     counters: dict[str, Any] = {"failed_attempts": jobs.c.failed_attempts + 1}

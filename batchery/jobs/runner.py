@@ -7,13 +7,14 @@ piece of work is held under a lease that a heartbeat renews, as for chunks."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator
-from typing import Any
+from collections.abc import Callable, Collection, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import orjson
 
@@ -36,6 +37,7 @@ from batchery.jobs.predictor import LoadedPredictor, load_predictor, parse_optio
 from batchery.retry import RetryPolicy
 from batchery.store import Store
 
+T = TypeVar("T")
 log = logging.getLogger("batchery.jobs")
 #: After job-level work raised, how long before any worker tries it again, in seconds.
 PHASE_RETRY_S = 5.0
@@ -176,7 +178,7 @@ class JobRunner:
             return
         self.joblog.write(job.id, "INFO", "executing on_job_complete")
         try:
-            self._runner.run(predictor.on_job_complete())
+            self._run(predictor.on_job_complete())
         except Exception:
             self.joblog.write(job.id, "ERROR",
                               f"on_job_complete raised:\n{traceback.format_exc()}")
@@ -197,7 +199,7 @@ class JobRunner:
                 predictor = self._predictor(job)
                 self._report(job, WorkerState.RUNNING, index)
                 items = self._items(lease)
-                predictions = self._runner.run(self._predict(lease, predictor, items))
+                predictions = self._run(self._predict(lease, predictor, items))
                 out_key = self._write_part(lease, items, predictions)
         except asyncio.CancelledError:
             self._cancelled(lease, heartbeat.lost)
@@ -216,6 +218,11 @@ class JobRunner:
                                                  f"results were recorded; they are dropped")
             if out_key:
                 self.files.delete(out_key)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        # In a copy of *this* context: a Runner otherwise keeps the context it first ran
+        # in, and every later job's log records would go to that first job.
+        return self._runner.run(coro, context=contextvars.copy_context())
 
     def _renew(self, lease: BatchLease) -> bool:
         alive = self.store.renew_batch(lease, self.lease_s)
@@ -318,7 +325,7 @@ class JobRunner:
                                                      secrets.SecretBox.from_env()),
                                 f"deployment '{deployment.name}' options")
         try:
-            loaded = self._runner.run(load_predictor(options, job.spec()))
+            loaded = self._run(load_predictor(options, job.spec()))
         except Exception:
             self._report(job, WorkerState.FAILED, None)
             raise

@@ -112,7 +112,12 @@ def test_failing_batches_become_dead_letters_with_tracebacks(jobs: Jobs) -> None
     assert all("Traceback" in d["error"] and "ValueError: refusing item" in d["error"]
                for d in dead)
     assert len(jobs.results(job["id"])) == 4
-    assert "out of retries: it is now a dead letter" in jobs.logs(job["id"])
+    log = jobs.logs(job["id"])
+    assert "out of retries: it is now a dead letter" in log
+    # The predictor's own lines go to this job's log, and no other job's do.
+    assert f"[job_predictors] batch {job['id']}:" in log
+    assert all(job["id"] in line for line in log.splitlines()
+               if "[job_predictors] batch" in line)
 
 
 def test_error_threshold_fails_the_job(jobs: Jobs) -> None:

@@ -384,3 +384,24 @@ def _pool_workers(server: Server) -> list[str]:
         if int(stat[1]) == server.process.pid and b"--deployment" in args:
             found.append(args[args.index(b"--deployment") + 1].decode())
     return found
+
+
+def test_a_python_endpoint_answers_batch_lines(server: Server) -> None:
+    """A line whose model is an endpoint with a `python` default deployment: the body is
+    the item, the prediction the response body."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.v1, api_key="k")
+    line = b'{"custom_id": "r1", "method": "POST", "url": "/v1/embeddings", ' \
+           b'"body": {"model": "nums", "input": "hello"}}\n'
+    upload = client.files.create(file=("in.jsonl", line), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings",
+                                  completion_window="24h")
+    deadline = time.monotonic() + 60
+    while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.output_file_id, batch
+    output = client.files.content(batch.output_file_id).json()
+    assert output["response"]["body"] == {"seen": {"model": "nums", "input": "hello"}}
+    client.close()

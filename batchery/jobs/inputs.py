@@ -111,8 +111,11 @@ def _expand(path: str, param: str) -> Iterator[tuple[str, str]]:
         else:  # a prefix, as in s3://bucket/images/img
             base = root.rsplit("/", 1)[0]
             names = [n for n in fs.find(base) if n.startswith(root)] if base else []
-    except (OSError, ValueError, ImportError) as exc:
-        raise InvalidRequest(f"Cannot list '{path}': {exc}", param=param) from None
+    except Exception as exc:
+        # Any failure to list is about the caller's path; s3fs and friends raise their
+        # own types (a missing credential, say).
+        raise InvalidRequest(f"Cannot list '{path}': {type(exc).__name__}: {exc}",
+                             param=param) from None
     for name in names:
         relative = name[len(base):].lstrip("/") if base and name.startswith(base) else name
         yield _url(protocol, name), relative

@@ -305,6 +305,20 @@ def test_endpoints_are_managed_over_rest_and_usable_as_models(jobs: Jobs,
     assert jobs.wait(job["id"])["status"] == "succeeded"
     assert jobs.results(job["id"])[0]["prediction"] == {"v": 2}
     assert jobs.http.delete("/endpoints/nums").status_code == 409  # from the config file
+    for method, path, body, status in [
+        ("POST", "/endpoints", {"name": "x"}, 400),
+        ("POST", "/endpoints", {"name": "x", "deployments": [{"name": "a", "backend": "python",
+                                                              "options": {}}]}, 400),
+        ("POST", "/endpoints", {"name": "x", "deployments": [{"name": "a", "backend": "magic"}]},
+         400),
+        ("PATCH", "/endpoints/live", {"default_deployment": "nope"}, 404),
+        ("PATCH", "/endpoints/live", {"default_deployment": 3}, 400),
+        ("POST", "/endpoints/missing/deployments", deployment("a", "Doubler"), 404),
+        ("POST", "/endpoints/live/deployments", deployment("one", "Doubler"), 409),
+    ]:
+        answer = jobs.http.request(method, path, json=body)
+        assert answer.status_code == status, (method, path, answer.text)
+        assert answer.json()["error"]["message"]
     assert jobs.http.delete("/endpoints/live").status_code == 200
 
     # The OpenAI path: a line's model may name an endpoint (its default deployment).

@@ -9,6 +9,7 @@ from typing import Any
 import fsspec
 
 RESULTS_NAME = "results.jsonl"
+DEAD_LETTERS_NAME = "failed_batches.jsonl"
 
 
 def job_dir(base: str, job_id: str) -> str:

@@ -25,7 +25,9 @@ from batchery.jobs import enqueue, outputs
 from batchery.jobs.joblog import JobLog, job_context
 from batchery.jobs.model import (
     BatchLease,
+    BatchState,
     Job,
+    JobBatch,
     JobLease,
     JobStage,
     JobStatus,
@@ -152,6 +154,13 @@ class JobRunner:
             results_url = f"{job.output_path}/{outputs.RESULTS_NAME}"
             size = outputs.write_atomically(results_url, self._result_parts(job))
             self.joblog.write(job.id, "INFO", f"wrote results ({size} bytes) to {results_url}")
+        dead = self.store.list_job_batches(job.id, [BatchState.FAILED.value])
+        if dead:
+            # The items of dead letters outlive the job's segments, beside the results.
+            url = f"{job.output_path}/{outputs.DEAD_LETTERS_NAME}"
+            outputs.write_atomically(url, self._dead_letters(dead))
+            self.joblog.write(job.id, "WARNING", f"{len(dead)} dead letter(s), with their "
+                                                 f"items and last errors, in {url}")
         if job.status is JobStatus.RUNNING:  # every batch ended: not stopped or failed
             self._on_job_complete(job)
         finished = self.store.finish_job(lease, results_url=results_url, now=time.time())
@@ -159,6 +168,17 @@ class JobRunner:
             raise enqueue.LeaseLost
         self.joblog.write(job.id, "INFO", f"job ended: {finished.status.value}")
         self.files.delete_prefix(enqueue.job_prefix(job.id))
+
+    def _dead_letters(self, dead: list[JobBatch]) -> Iterator[bytes]:
+        for batch in dead:
+            spec = batch.spec
+            data = self.files.read_range(spec.segment_key, spec.start_offset, spec.end_offset)
+            yield orjson.dumps({
+                "batch_id": f"{batch.job_id}:{spec.index}", "index": spec.index,
+                "first_item": spec.first_item, "attempts": batch.attempts,
+                "error": batch.last_error,
+                "items": [orjson.Fragment(line) for line in data.splitlines() if line],
+            }) + b"\n"
 
     def _result_parts(self, job: Job) -> Iterator[bytes]:
         for batch in self.store.list_job_batches(job.id, ["succeeded"]):

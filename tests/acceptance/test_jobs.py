@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.acceptance.jobs_support import Jobs, deployment, write_config
@@ -112,6 +113,11 @@ def test_failing_batches_become_dead_letters_with_tracebacks(jobs: Jobs) -> None
     assert all("Traceback" in d["error"] and "ValueError: refusing item" in d["error"]
                for d in dead)
     assert len(jobs.results(job["id"])) == 4
+    with open(f"{done['output_path']}/failed_batches.jsonl", "rb") as saved:
+        letters = [orjson.loads(line) for line in saved]
+    assert [(d["index"], d["items"], d["attempts"]) for d in letters] == [
+        (1, [{"fail": True}], 2), (4, [{"fail": True}], 2)]
+    assert all("ValueError" in d["error"] for d in letters)
     log = jobs.logs(job["id"])
     assert "out of retries: it is now a dead letter" in log
     # The predictor's own lines go to this job's log, and no other job's do.

@@ -42,3 +42,34 @@ def test_batches_run_on_postgres_with_an_outside_worker(pg_url: str, tmp_path: P
     ids = [orjson.loads(x)["custom_id"] for x in out]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(500))
     assert not (server.data_dir / "batchery.db").exists()  # nothing went to SQLite
+
+
+@pytest.mark.postgres
+def test_jobs_run_on_postgres_with_a_pinned_outside_worker(pg_url: str, tmp_path: Path,
+                                                           server_factory: Any) -> None:
+    from tests.acceptance.jobs_support import Jobs, deployment, write_config
+
+    files_dir = tmp_path / "shared-files"
+    config = write_config(tmp_path / "config.yaml", [{"name": "nums", "deployments": [
+        deployment("v1", "Doubler", workers={"min": 1, "max": 1, "idle_seconds": 5})]}])
+    server: Server = server_factory("--database-url", pg_url, "--files-url", str(files_dir),
+                                    "--workers", "1", "--config", str(config))
+    outside = subprocess.Popen(
+        [sys.executable, "-m", "batchery", "worker", "--no-batches", "--deployment",
+         "nums/v1", "--database-url", pg_url, "--files-url", str(files_dir),
+         "--data-dir", str(tmp_path / "elsewhere")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jobs = Jobs(server.base_url)
+    try:
+        job = jobs.submit("nums", {"item_list": {"items": list(range(40)), "batch_size": 2},
+                                   "workers": 2, "config": {"sleep": 0.1}})
+        done = jobs.wait(job["id"])
+        assert done["status"] == "succeeded", jobs.logs(job["id"])
+        rows = jobs.results(job["id"])
+        assert sorted(r["index"] for r in rows) == list(range(40))
+        pids = {w["pid"] for w in jobs.listing(f"/jobs/{job['id']}/workers")}
+        assert outside.pid in pids and len(pids) == 2  # the pool's worker and ours
+    finally:
+        jobs.http.close()
+        outside.terminate()
+        assert outside.wait(40) == 0

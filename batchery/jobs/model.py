@@ -28,11 +28,10 @@ class JobStatus(enum.StrEnum):
 
     @property
     def is_terminal(self) -> bool:
-        return self not in _IN_PROGRESS
+        return self not in IN_PROGRESS
 
 
-_IN_PROGRESS = frozenset({JobStatus.PENDING, JobStatus.ENQUEUING, JobStatus.RUNNING})
-IN_PROGRESS = _IN_PROGRESS
+IN_PROGRESS = frozenset({JobStatus.PENDING, JobStatus.ENQUEUING, JobStatus.RUNNING})
 
 
 class JobStage(enum.StrEnum):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,37 +232,3 @@ def _count_items(job_input: JobInput, files: list[str]) -> int:
     if job_input.kind is InputKind.FILE_PATH_LISTER:
         return len(files)
     return sum(inputs.count_records(url) for url in files)
-
-
-def job_json(view: JobView) -> dict[str, Any]:
-    """A job as the API shows it."""
-    job, states = view.job, view.batch_states
-    metrics = job.metrics
-    return {
-        "id": job.id, "object": "job", "endpoint": job.endpoint,
-        "deployment": job.deployment, "status": job.status.value,
-        "input": {job.input.kind.value: _input_summary(job.input)},
-        "workers": job.options.workers, "config": job.options.config,
-        "timeout": job.options.timeout_s, "batch_timeout": job.options.batch_timeout_s,
-        "max_retries": job.options.max_retries, "error_threshold": job.options.error_threshold,
-        "output": job.options.output.value, "output_path": job.output_path,
-        "total_batch_count": job.total_batch_count,
-        "enqueuing_done": job.stage is not JobStage.ENQUEUE,
-        "batches_in_queue": states.get(BatchState.QUEUED.value, 0),
-        "batches_in_flight": states.get(BatchState.LEASED.value, 0),
-        "batch_metrics": {"succeeded": metrics.succeeded, "failed": metrics.failed,
-                          "dead_letters": metrics.dead_letters,
-                          "average_time_per_batch": metrics.average_time_per_batch},
-        "item_counts": {"total": job.total_items, "succeeded": job.items_succeeded,
-                        "failed": job.items_failed},
-        "worker_counts": view.worker_counts,
-        "error": job.error, "results_url": job.results_url,
-        "created_at": job.created_at, "started_at": job.started_at,
-        "ended_at": job.ended_at,
-    }
-
-
-def _input_summary(job_input: JobInput) -> Mapping[str, Any]:
-    if job_input.kind is InputKind.ITEM_LIST:
-        return {"item_count": len(job_input.items or []), "batch_size": job_input.batch_size}
-    return job_input.to_dict()

@@ -4,27 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from batchery.api import wire
+from batchery.api.bodies import json_body
 from batchery.api.deps import Project, Service
 from batchery.exceptions import InvalidRequest
 
 router = APIRouter()
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("We could not parse the JSON body of your request. (HINT: "
-                             "the body must be a JSON object.)") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    return body
 
 
 def _required_str(body: dict[str, Any], name: str) -> str:
@@ -40,7 +28,7 @@ def _required_str(body: dict[str, Any], name: str) -> str:
 
 @router.post("/batches")
 async def create_batch(request: Request, project: Project, service: Service) -> Any:
-    body = await _json_body(request)
+    body = await json_body(request)
     window = body.get("completion_window", "24h")
     if not isinstance(window, str):
         raise InvalidRequest("Invalid type for 'completion_window': expected a string.",

@@ -10,11 +10,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.responses import StreamingResponse
 
+from batchery.api.bodies import json_body
 from batchery.api.deps import Project
-from batchery.api.routes.batches import _json_body
+from batchery.api.job_wire import job_json
 from batchery.deployments import Deployment, Endpoint
 from batchery.jobs.model import JobBatch, JobStage, JobWorker, LogLine
-from batchery.jobs.service import DryRun, JobService, JobView, job_json
+from batchery.jobs.service import DryRun, JobService
 
 router = APIRouter()
 #: How often a followed log looks for new lines, in seconds.
@@ -51,7 +52,7 @@ def list_endpoints(_: Project, jobs: Jobs) -> Any:
 
 @router.post("/endpoints")
 async def create_endpoint(request: Request, _: Project, jobs: Jobs) -> Any:
-    body = await _json_body(request)
+    body = await json_body(request)
     return _endpoint_json(*await run_in_threadpool(jobs.create_endpoint, body))
 
 
@@ -62,7 +63,7 @@ def get_endpoint(name: str, _: Project, jobs: Jobs) -> Any:
 
 @router.patch("/endpoints/{name}")
 async def update_endpoint(name: str, request: Request, _: Project, jobs: Jobs) -> Any:
-    body = await _json_body(request)
+    body = await json_body(request)
     await run_in_threadpool(jobs.set_default_deployment, name, body.get("default_deployment"))
     return _endpoint_json(*jobs.get_endpoint(name))
 
@@ -82,7 +83,7 @@ def list_deployments(name: str, _: Project, jobs: Jobs) -> Any:
 
 @router.post("/endpoints/{name}/deployments")
 async def add_deployment(name: str, request: Request, _: Project, jobs: Jobs) -> Any:
-    body = await _json_body(request)
+    body = await json_body(request)
     await run_in_threadpool(jobs.add_deployment, name, body)
     endpoint, members = jobs.get_endpoint(name)
     return _endpoint_json(endpoint, members)
@@ -93,14 +94,15 @@ async def add_deployment(name: str, request: Request, _: Project, jobs: Jobs) ->
 @router.post("/endpoints/{name}/jobs")
 async def submit_job(name: str, request: Request, project: Project, jobs: Jobs,
                      dry_run: bool = False) -> Any:
-    body = await _json_body(request)
+    body = await json_body(request)
     result = await run_in_threadpool(jobs.submit, project, name, body, dry_run=dry_run)
     if isinstance(result, DryRun):
         return {"object": "job.dry_run", "endpoint": result.endpoint,
                 "deployment": result.deployment, "files": result.files,
                 "total_items": result.total_items,
                 "total_batch_count": result.total_batch_count}
-    return job_json(await run_in_threadpool(jobs.view, project, result.id))
+    view = await run_in_threadpool(jobs.view, project, result.id)
+    return job_json(view.job, view)
 
 
 @router.get("/jobs")
@@ -108,10 +110,7 @@ def list_jobs(project: Project, jobs: Jobs, endpoint: str | None = None,
               status: str | None = None, after: str | None = None,
               limit: Annotated[int, Query()] = 20) -> Any:
     page = jobs.list_jobs(project, endpoint=endpoint, status=status, after=after, limit=limit)
-    data = [job_json(JobView(job=j, batch_states={}, worker_counts={})) for j in page.items]
-    for row in data:  # a listing shows no per-job queue or workers: `get` does
-        for key in ("batches_in_queue", "batches_in_flight", "worker_counts"):
-            row.pop(key)
+    data = [job_json(job) for job in page.items]  # `get` adds the queue and worker states
     return {"object": "list", "data": data, "has_more": page.has_more,
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}
@@ -119,13 +118,15 @@ def list_jobs(project: Project, jobs: Jobs, endpoint: str | None = None,
 
 @router.get("/jobs/{job_id}")
 def get_job(job_id: str, project: Project, jobs: Jobs) -> Any:
-    return job_json(jobs.view(project, job_id))
+    view = jobs.view(project, job_id)
+    return job_json(view.job, view)
 
 
 @router.delete("/jobs/{job_id}")
 def stop_job(job_id: str, project: Project, jobs: Jobs) -> Any:
     jobs.stop(project, job_id)
-    return job_json(jobs.view(project, job_id))
+    view = jobs.view(project, job_id)
+    return job_json(view.job, view)
 
 
 def _worker_json(w: JobWorker) -> dict[str, Any]:

@@ -1,0 +1,44 @@
+"""Jobs as the job API renders them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from batchery.jobs.model import BatchState, InputKind, Job, JobInput, JobStage
+from batchery.jobs.service import JobView
+
+
+def job_json(job: Job, view: JobView | None = None) -> dict[str, Any]:
+    """A job as the API shows it; with its `view`, also its queue and worker states."""
+    metrics = job.metrics
+    shown: dict[str, Any] = {
+        "id": job.id, "object": "job", "endpoint": job.endpoint,
+        "deployment": job.deployment, "status": job.status.value,
+        "input": {job.input.kind.value: _input_summary(job.input)},
+        "workers": job.options.workers, "config": job.options.config,
+        "timeout": job.options.timeout_s, "batch_timeout": job.options.batch_timeout_s,
+        "max_retries": job.options.max_retries, "error_threshold": job.options.error_threshold,
+        "output": job.options.output.value, "output_path": job.output_path,
+        "total_batch_count": job.total_batch_count,
+        "enqueuing_done": job.stage is not JobStage.ENQUEUE,
+        "batch_metrics": {"succeeded": metrics.succeeded, "failed": metrics.failed,
+                          "dead_letters": metrics.dead_letters,
+                          "average_time_per_batch": metrics.average_time_per_batch},
+        "item_counts": {"total": job.total_items, "succeeded": job.items_succeeded,
+                        "failed": job.items_failed},
+        "error": job.error, "results_url": job.results_url,
+        "created_at": job.created_at, "started_at": job.started_at,
+        "ended_at": job.ended_at,
+    }
+    if view is not None:
+        shown |= {"batches_in_queue": view.batch_states.get(BatchState.QUEUED.value, 0),
+                  "batches_in_flight": view.batch_states.get(BatchState.LEASED.value, 0),
+                  "worker_counts": view.worker_counts}
+    return shown
+
+
+def _input_summary(job_input: JobInput) -> Mapping[str, Any]:
+    if job_input.kind is InputKind.ITEM_LIST:
+        return {"item_count": len(job_input.items or []), "batch_size": job_input.batch_size}
+    return job_input.to_dict()

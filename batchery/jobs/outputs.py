@@ -42,7 +42,3 @@ def read(url: str, block: int = 1 << 20) -> Iterator[bytes]:
         while data := stream.read(block):
             yield data
 
-
-def exists(url: str) -> bool:
-    fs, path = _fs(url)
-    return bool(fs.exists(path))

@@ -5,6 +5,8 @@
   * Conflict: the object is in a state that forbids the operation.
   * InvalidRequest: the caller sent something we cannot accept (names the parameter).
   * Unauthorized: a key was missing or unknown.
+  * Forbidden: the key is known, but its role or project may not do this.
+  * TooLarge: a request body or upload is over the operator's limit.
   * ConfigError: a configuration file or option is wrong.
   * BackendError: a model backend could not be loaded or failed as a whole.
 """
@@ -41,6 +43,20 @@ class Unauthorized(BatcheryError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class Forbidden(BatcheryError):
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class TooLarge(BatcheryError):
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
 
 
 class ConfigError(BatcheryError):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from batchery import backends, deployments, secrets
+import yaml
+
+from batchery import backends, deployments, secrets, trust
 from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.jobs.service import PYTHON_BACKEND, JobService
 from batchery.message_batches import MAX_REQUESTS, MessageBatchService
@@ -23,6 +27,7 @@ class Runtime:
     service: BatchService
     message_batches: MessageBatchService
     jobs: JobService
+    policy: trust.TrustPolicy
 
     def close(self) -> None:
         self.store.close()
@@ -47,7 +52,8 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
                 d.options, box, f"deployment '{d.name}' options"))
             for d in catalog.deployments], catalog.endpoints)
     files = FsspecFileStore(settings.file_store_url)
-    return Runtime(settings=settings, store=store, files=files,
+    policy = load_policy(settings)
+    return Runtime(settings=settings, store=store, files=files, policy=policy,
                    service=BatchService(store, files, chunk_size=settings.chunk_size,
                                         max_tasks=settings.max_tasks),
                    message_batches=MessageBatchService(
@@ -56,3 +62,23 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
                        window_s=settings.message_batch_window_s),
                    jobs=JobService(store, outputs_url=settings.outputs_url,
                                    stall_after_s=2 * settings.lease_s))
+
+
+def load_policy(settings: Settings) -> trust.TrustPolicy:
+    """The operator's trust policy: the config file's `security:` and `projects:` sections,
+    the `serve` flags, and whether a keys file makes this server shared."""
+    data: Any = None
+    if settings.config is not None:
+        try:
+            data = yaml.safe_load(Path(settings.config).read_text())
+        except (OSError, yaml.YAMLError):
+            data = None  # `deployments.load` reports a broken config file
+    policy = trust.parse_policy(data, str(settings.config))
+    protected = [str(settings.data_dir.resolve())]
+    if "://" not in settings.file_store_url or settings.file_store_url.startswith("file://"):
+        protected.append(str(Path(settings.file_store_url.removeprefix("file://")).resolve()))
+    return dataclasses.replace(
+        policy, open=settings.keys_file is None,
+        allow_code_deployments=policy.allow_code_deployments
+        or settings.allow_code_deployments,
+        protected_paths=tuple(dict.fromkeys(protected)))

@@ -30,6 +30,8 @@ class Settings:
     max_tasks: int = DEFAULT_MAX_TASKS
     #: How long an Anthropic message batch may run before it expires, in seconds.
     message_batch_window_s: int = 86_400
+    #: Whether admins may create `python` (code) deployments over REST.
+    allow_code_deployments: bool = False
 
     @property
     def db_url(self) -> str:

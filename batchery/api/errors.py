@@ -13,7 +13,14 @@ from starlette.exceptions import HTTPException
 
 from batchery import anthropic, ids
 from batchery.api.responses import JSONResponse
-from batchery.exceptions import Conflict, InvalidRequest, NotFound, Unauthorized
+from batchery.exceptions import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+)
 
 log = logging.getLogger("batchery.api")
 ANTHROPIC_PREFIX = "/v1/messages"
@@ -55,6 +62,18 @@ async def _unauthorized(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, 401, exc.message, code="invalid_api_key")
 
 
+async def _forbidden(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Forbidden)
+    return error_response(request, 403, exc.message, param=exc.param,
+                          code="permission_denied")
+
+
+async def _too_large(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TooLarge)
+    return error_response(request, 413, exc.message, param=exc.param,
+                          code="request_too_large")
+
+
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
@@ -88,6 +107,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(InvalidRequest, _invalid)
     app.add_exception_handler(Unauthorized, _unauthorized)
+    app.add_exception_handler(Forbidden, _forbidden)
+    app.add_exception_handler(TooLarge, _too_large)
     app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(Exception, _unexpected)

@@ -17,8 +17,8 @@ from batchery.backend import Reply
 #: The internal endpoint of an Anthropic batch's lines.
 MESSAGES_ENDPOINT = "/v1/messages"
 CHAT_ENDPOINT = "/v1/chat/completions"
-#: Anthropic's custom_id rule.
-CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+#: Anthropic's custom_id rule. `\Z`, not `$`: `$` also matches before a trailing newline.
+CUSTOM_ID = re.compile(r"\A[a-zA-Z0-9_-]{1,64}\Z")
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                  "content_filter": "refusal"}

@@ -11,7 +11,7 @@ from typing import Any
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 #: `completion_window` is `<N>` plus a unit. `24h` is OpenAI's only value; any other length,
 #: from 1 second to 30 days, is our extension (short windows make expiry testable).
-_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
+_WINDOW = re.compile(r"\A([1-9][0-9]{0,6})([smhd])\Z")  # \Z: `$` allows a trailing newline
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW_S = 30 * 86400
 #: Default for the most requests a batch may hold. OpenAI allows 50,000; our memory use does

@@ -5,6 +5,7 @@ Azure ML batch endpoints). A deployment of endpoint `iris` named `v1` is stored 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from dataclasses import dataclass, field
@@ -48,10 +49,17 @@ class Deployment:
     #: Set on the alias that makes an endpoint's name usable as a model: the deployment
     #: it stands for.
     alias_of: str | None = None
+    #: The project that owns it (made over REST); None for the config file's.
+    project: str | None = None
+    #: The config file's allow-list of projects that may use it; None: every project.
+    projects: tuple[str, ...] | None = None
 
     @property
     def short_name(self) -> str:
         return self.name.split("/", 1)[1] if self.endpoint else self.name
+
+    def usable_by(self, project: str) -> bool:
+        return _usable(self.project, self.projects, project)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -60,6 +68,21 @@ class Endpoint:
     default_deployment: str  #: the short name of one of its deployments
     source: str = CONFIG
     created_at: float = 0.0
+    #: The project that owns it (made over REST); None for the config file's.
+    project: str | None = None
+    #: The config file's allow-list of projects that may use it; None: every project.
+    projects: tuple[str, ...] | None = None
+
+    def usable_by(self, project: str) -> bool:
+        return _usable(self.project, self.projects, project)
+
+
+def _usable(owner: str | None, allowed: tuple[str, ...] | None, project: str) -> bool:
+    """An owned object serves its project alone; the config file's serve every project, or
+    those it lists."""
+    if owner is not None:
+        return project == owner
+    return allowed is None or project in allowed
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -147,8 +170,13 @@ def parse_deployment(item: Any, where: str, *, endpoint: str | None = None,
         options = {**options, "python_path": list(parsed.python_path)}
     workers = _pool(item.get("workers"), f"{where}.workers")
     full = qualified(endpoint, name) if endpoint else name
+    for key in ("project", "projects"):
+        if endpoint and key in item:
+            raise ConfigError(f"{where}.{key}: an endpoint's deployments serve the "
+                              f"projects of their endpoint; set '{key}' on the endpoint")
     return Deployment(name=full, backend=backend, options=options, endpoint=endpoint,
-                      workers=workers, source=source)
+                      workers=workers, source=source,
+                      projects=_projects(item, where, source))
 
 
 def parse_endpoint(item: Any, where: str, base_dir: Path | None = None,
@@ -173,7 +201,26 @@ def parse_endpoint(item: Any, where: str, base_dir: Path | None = None,
     if default not in {m.short_name for m in members}:
         raise ConfigError(f"{where}.default_deployment: '{default}' is not one of its "
                           f"deployments ({', '.join(m.short_name for m in members)})")
-    return Endpoint(name=name, default_deployment=default, source=source), members
+    projects = _projects(item, where, source)
+    members = [dataclasses.replace(m, projects=projects) for m in members]
+    return Endpoint(name=name, default_deployment=default, source=source,
+                    projects=projects), members
+
+
+def _projects(item: dict[str, Any], where: str, source: str) -> tuple[str, ...] | None:
+    """The config file's `projects:` allow-list (absent: every project)."""
+    if "project" in item and source == CONFIG:
+        raise ConfigError(f"{where}.project: what the config file declares belongs to no "
+                          f"project; name the projects that may use it in 'projects'")
+    if "projects" not in item:
+        return None
+    if source != CONFIG:
+        raise ConfigError(f"{where}.projects: only the config file lists projects; what is "
+                          f"made over the API belongs to one project ('project')")
+    raw = item["projects"]
+    if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
+        raise ConfigError(f"{where}.projects: expected a list of project names")
+    return tuple(raw)
 
 
 def _pool(raw: Any, where: str) -> WorkerPoolSpec | None:

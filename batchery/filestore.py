@@ -36,3 +36,7 @@ class FileStore(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
         """Remove every blob under `prefix`."""
+
+    def url(self, key: str) -> str:
+        """The blob's URL, as a job's worker or predictor opens it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot name its blobs by URL")

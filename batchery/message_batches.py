@@ -118,7 +118,7 @@ def _check_requests(requests: Any, limit: int) -> None:
         if not isinstance(item, dict):
             raise InvalidRequest(f"{where}: Input should be an object.", param=where)
         custom_id, params = item.get("custom_id"), item.get("params")
-        if not isinstance(custom_id, str) or not CUSTOM_ID.match(custom_id):
+        if not isinstance(custom_id, str) or not CUSTOM_ID.fullmatch(custom_id):
             raise InvalidRequest(f"{where}.custom_id: must be 1 to 64 letters, digits, '_' "
                                  "or '-'.", param=f"{where}.custom_id")
         if custom_id in seen:
@@ -132,7 +132,8 @@ def _check_requests(requests: Any, limit: int) -> None:
         if not isinstance(params.get("model"), str):
             raise InvalidRequest(f"{where}.params.model: Field required.",
                                  param=f"{where}.params.model")
-        if params.get("stream"):
+        # Only false (or nothing) is accepted: 0, "" and [] are no booleans.
+        if params.get("stream") is not None and params.get("stream") is not False:
             raise InvalidRequest(f"{where}.params.stream: streaming is not supported in "
                                  "batches.", param=f"{where}.params.stream")
 

@@ -67,7 +67,8 @@ def validate(store: Store, files: FileStore, lease: PhaseLease, lost: Callable[[
             message=f"Cannot find file {batch.input_file_id}, or project '{batch.project}' "
                     f"does not have access to it.")], now)
         return
-    deployments = {d.name: d for d in store.list_deployments()}
+    # Another project's deployments are unknown models here, as they are in its listing.
+    deployments = {d.name: d for d in store.list_deployments() if d.usable_by(batch.project)}
     known = set(deployments)
     # Anthropic reports an unknown model per request (an errored result), not per batch.
     model_known = (known.__contains__ if batch.endpoint != anthropic.MESSAGES_ENDPOINT

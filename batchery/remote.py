@@ -8,6 +8,7 @@ released with a delay, so polling costs no worker time.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -26,10 +27,31 @@ from batchery.store import PhaseLease, Store
 
 log = logging.getLogger("batchery.remote")
 
+#: Polling: the first poll comes this long after submission (or a cancel), and the wait
+#: doubles after each poll up to MAX_POLL_S.
 FIRST_POLL_S = 1.0
 MAX_POLL_S = 30.0
-#: Consecutive provider errors after which the batch fails.
-MAX_FAILURES = 5
+#: After a failed call to the provider the step is tried again after RETRY_FIRST_S, the
+#: wait doubling after each further failure of the step, up to RETRY_MAX_S.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 30.0
+#: Consecutive failures of one step (submit, poll, cancel, download) after which the batch
+#: fails with `remote_error`.
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+class Step(enum.Enum):
+    """One step of a remote batch; the value names it in errors and logs."""
+
+    SUBMIT = "submitting the batch to the provider"
+    POLL = "polling the provider's batch"
+    CANCEL = "cancelling the provider's batch"
+    DOWNLOAD = "downloading the provider's results"
+
+
+def retry_delay(failures: int) -> float:
+    """The wait before trying a step again after its `failures`-th failure in a row."""
+    return float(min(RETRY_FIRST_S * 2 ** (failures - 1), RETRY_MAX_S))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,22 +100,50 @@ def advance(store: Store, files: FileStore, lease: PhaseLease,
     batch = lease.batch
     assert batch.remote is not None
     state = dict(batch.remote)
-    try:
-        if state["job"] is None:
-            if _stopping(batch):
-                _finish(store, files, lease, backend, None)
-                return
-            with files.open_read(batch.input_key or "") as stream:
-                state["job"] = backend.submit(batch, _request_lines(stream))
-        elif _stopping(batch) and not state["cancel_sent"]:
-            state["job"] = backend.cancel(state["job"])
-            state.update(cancel_sent=True, poll_s=FIRST_POLL_S)
-        else:
-            state["job"] = backend.refresh(state["job"])
-    except BackendError as exc:
-        _count_failure(store, lease, state, str(exc), permanent=exc.permanent, backend=backend)
+    if state["job"] is None and _stopping(batch):
+        _finish(store, files, lease, backend, None)  # never submitted: nothing to fetch
         return
-    state["failures"] = 0
+    step = _next_step(batch, state, backend)
+    try:
+        if step is Step.DOWNLOAD:
+            _finish(store, files, lease, backend, state["job"])
+            return
+        state["job"] = _call(step, files, batch, state["job"], backend)
+    except BackendError as exc:
+        _count_failure(store, lease, state, step, exc, backend)
+        return
+    state.update(failures=0, failed_step=None)
+    if step is Step.CANCEL:
+        state.update(cancel_sent=True, poll_s=FIRST_POLL_S)
+    _after_call(store, files, lease, state, backend)
+
+
+def _next_step(batch: Batch, state: dict[str, Any], backend: RemoteBatchBackend) -> Step:
+    if state["job"] is None:
+        return Step.SUBMIT
+    if _stopping(batch) and not state["cancel_sent"]:
+        return Step.CANCEL
+    # A provider job seen ended is not polled again: a download that failed is retried
+    # (and counted) on its own.
+    if backend.progress(state["job"]).ended:
+        return Step.DOWNLOAD
+    return Step.POLL
+
+
+def _call(step: Step, files: FileStore, batch: Batch, job: dict[str, Any] | None,
+          backend: RemoteBatchBackend) -> dict[str, Any]:
+    """The provider's job object after `step`'s call."""
+    if job is None:
+        with files.open_read(batch.input_key or "") as stream:
+            return backend.submit(batch, _request_lines(stream))
+    if step is Step.CANCEL:
+        return backend.cancel(job)
+    return backend.refresh(job)
+
+
+def _after_call(store: Store, files: FileStore, lease: PhaseLease, state: dict[str, Any],
+                backend: RemoteBatchBackend) -> None:
+    """Record the provider's job, then wait for the next poll or fetch its results."""
     progress = backend.progress(state["job"])
     if progress.errors is not None:
         store.fail_batch(lease, progress.errors, int(time.time()))
@@ -107,32 +157,45 @@ def advance(store: Store, files: FileStore, lease: PhaseLease,
         return
     try:
         _finish(store, files, lease, backend, state["job"])
-    except BackendError as exc:  # the results could not be fetched: try again later
-        _count_failure(store, lease, state, str(exc), permanent=exc.permanent, backend=backend)
+    except BackendError as exc:
+        _count_failure(store, lease, state, Step.DOWNLOAD, exc, backend)
 
 
-def _count_failure(store: Store, lease: PhaseLease, state: dict[str, Any], message: str,
-                   *, permanent: bool, backend: RemoteBatchBackend | None = None) -> None:
-    state["failures"] = state.get("failures", 0) + 1
-    log.warning("batch %s: provider error %d/%d: %s", lease.batch.id, state["failures"],
-                MAX_FAILURES, message)
-    if permanent or state["failures"] >= MAX_FAILURES:
-        fail(store, lease, message, backend)
+def _count_failure(store: Store, lease: PhaseLease, state: dict[str, Any], step: Step,
+                   exc: BackendError, backend: RemoteBatchBackend) -> None:
+    """Count a failed step: a permanent error, or the last failure in a row allowed, fails
+    the batch; anything else tries the step again after a growing wait."""
+    same_step = state.get("failed_step") == step.name
+    failures = (state.get("failures", 0) if same_step else 0) + 1
+    state.update(failures=failures, failed_step=step.name)
+    log.warning("batch %s: %s failed (%d/%d in a row): %s", lease.batch.id, step.value,
+                failures, MAX_CONSECUTIVE_FAILURES, exc)
+    if exc.permanent:
+        fail(store, lease, f"{_capital(step.value)} failed: {exc}", backend, state["job"])
+        return
+    if failures >= MAX_CONSECUTIVE_FAILURES:
+        fail(store, lease, f"{_capital(step.value)} failed {failures} times in a row; the "
+                           f"last error: {exc}", backend, state["job"])
         return
     store.save_remote(lease, state, completed=lease.batch.completed, failed=lease.batch.failed)
-    store.release_phase(lease, retry_in=min(FIRST_POLL_S * 2 ** state["failures"], MAX_POLL_S))
+    store.release_phase(lease, retry_in=retry_delay(failures))
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def fail(store: Store, lease: PhaseLease, message: str,
-         backend: RemoteBatchBackend | None) -> None:
-    """Fail the batch with `remote_error`, and stop the provider's job if there is one."""
-    job = (lease.batch.remote or {}).get("job")
-    if job is not None and backend is not None:
+         backend: RemoteBatchBackend | None, job: dict[str, Any] | None = None) -> None:
+    """Fail the batch with `remote_error`. A provider job still running is cancelled, once
+    and on a best-effort basis, so that nobody pays for work whose results are dropped;
+    without a connector (`backend` None) it cannot be."""
+    if job is not None and backend is not None and not backend.progress(job).ended:
         try:
             backend.cancel(job)
-        except Exception:
-            log.warning("batch %s: could not cancel the provider's job %s", lease.batch.id,
-                        job.get("id"))
+        except Exception as exc:
+            log.warning("batch %s: could not cancel the provider's job %s: %s",
+                        lease.batch.id, job.get("id"), exc)
     store.fail_batch(lease, [BatchError(code="remote_error", message=message)],
                      int(time.time()))
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from batchery import backends, deployments, secrets, trust
+from batchery import backends, deployment_policy, deployments, secrets, trust
 from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.jobs.service import PYTHON_BACKEND, JobService
 from batchery.message_batches import MAX_REQUESTS, MessageBatchService
@@ -39,11 +39,13 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
     if settings.database_url is None or settings.files_url is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    policy = load_policy(settings)
     store = SqlStore.from_url(settings.db_url)
     if publish_deployments:
         catalog = (deployments.load(settings.config) if settings.config
                    else deployments.Catalog(deployments=deployments.default_deployments()))
         for deployment in catalog.deployments:
+            deployment_policy.check(deployment, policy, via_api=False)
             if deployment.backend != PYTHON_BACKEND:  # user code loads in workers only
                 backends.check(deployment)
         box = secrets.SecretBox.from_env()
@@ -52,7 +54,6 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
                 d.options, box, f"deployment '{d.name}' options"))
             for d in catalog.deployments], catalog.endpoints)
     files = FsspecFileStore(settings.file_store_url)
-    policy = load_policy(settings)
     return Runtime(settings=settings, store=store, files=files, policy=policy,
                    service=BatchService(store, files, chunk_size=settings.chunk_size,
                                         max_tasks=settings.max_tasks),
@@ -61,7 +62,8 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
                        max_requests=min(settings.max_tasks, MAX_REQUESTS),
                        window_s=settings.message_batch_window_s),
                    jobs=JobService(store, outputs_url=settings.outputs_url,
-                                   stall_after_s=2 * settings.lease_s))
+                                   stall_after_s=2 * settings.lease_s, policy=policy,
+                                   files_url=settings.file_store_url))
 
 
 def load_policy(settings: Settings) -> trust.TrustPolicy:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
 from batchery import ids
@@ -18,7 +18,7 @@ from batchery.batches import (
     window_seconds,
 )
 from batchery.deployments import Deployment
-from batchery.exceptions import InvalidRequest, NotFound
+from batchery.exceptions import InvalidRequest, NotFound, TooLarge
 from batchery.files import (
     BATCH_FILE_TTL_S,
     INTERNAL_PURPOSE_PREFIX,
@@ -55,7 +55,10 @@ class BatchService:
     # -- files -------------------------------------------------------------------------
 
     def upload(self, project: str, stream: IO[bytes], *, filename: str, purpose: str,
-               expires_after_s: int | None = None) -> FileRecord:
+               expires_after_s: int | None = None, max_bytes: int | None = None,
+               quota_bytes: int | None = None) -> FileRecord:
+        """Store an upload. `max_bytes` caps one file and `quota_bytes` the project's live
+        files together: past either, nothing is kept and TooLarge says which limit."""
         if purpose not in UPLOAD_PURPOSES:
             raise InvalidRequest(f"Invalid value: '{purpose}'. Supported values are: "
                                  f"{_quoted_list(sorted(UPLOAD_PURPOSES))}.",
@@ -65,10 +68,16 @@ class BatchService:
             raise InvalidRequest(f"'expires_after.seconds' must be between "
                                  f"{MIN_EXPIRES_AFTER_S} and {MAX_EXPIRES_AFTER_S}.",
                                  param="expires_after.seconds", code="invalid_value")
+        cap = _UploadCap(max_bytes, quota_bytes,
+                         self.store.file_bytes(project, now=self._now()) if quota_bytes else 0)
         file_id = ids.file_id()
         key = f"files/{file_id}"
-        with self.files.open_write(key) as out:
-            shutil.copyfileobj(stream, out, _COPY_BUFFER)
+        try:
+            with self.files.open_write(key) as out:
+                _copy_capped(stream, out, cap)
+        except BaseException:
+            self.files.delete(key)  # no half-written blob outlives a refused upload
+            raise
         now = self._now()
         ttl = expires_after_s or (BATCH_FILE_TTL_S if purpose == "batch" else None)
         record = FileRecord(id=file_id, project=project, filename=filename, purpose=purpose,
@@ -112,8 +121,8 @@ class BatchService:
     # -- batches -----------------------------------------------------------------------
 
     def create_batch(self, project: str, *, input_file_id: str, endpoint: str,
-                     completion_window: str = "24h",
-                     metadata: dict[str, Any] | None = None) -> Batch:
+                     completion_window: str = "24h", metadata: dict[str, Any] | None = None,
+                     output_expires_after: Any = None) -> Batch:
         if endpoint not in SUPPORTED_ENDPOINTS:
             raise InvalidRequest(f"Invalid value: '{endpoint}'. Supported values are: "
                                  f"{_quoted_list(SUPPORTED_ENDPOINTS)}.",
@@ -125,6 +134,9 @@ class BatchService:
                                  f"30 days (for example '1h').",
                                  param="completion_window", code="invalid_value")
         _check_metadata(metadata)
+        # Checked as the hosted API does; the output files' expiry is not applied yet.
+        _check_output_expiry(output_expires_after)
+        self._check_input_file(project, input_file_id)
         now = self._now()
         batch = Batch(id=ids.batch_id(), project=project, endpoint=endpoint,
                       input_file_id=input_file_id, completion_window=completion_window,
@@ -132,6 +144,19 @@ class BatchService:
                       metadata=metadata, chunk_size=self.chunk_size, max_tasks=self.max_tasks)
         self.store.insert_batch(batch)
         return batch
+
+    def _check_input_file(self, project: str, file_id: str) -> None:
+        """A batch reads only files uploaded for batches, as on the hosted API. An unknown
+        id is not refused here: the batch fails in validation, as it does there."""
+        try:
+            record = self.get_file(project, file_id)
+        except NotFound:
+            return
+        if record.purpose != "batch":
+            raise InvalidRequest(f"Invalid value for 'input_file_id': the file '{file_id}' "
+                                 f"has purpose '{record.purpose}', but a batch's input file "
+                                 f"must be uploaded with purpose 'batch'.",
+                                 param="input_file_id", code="invalid_value")
 
     def get_batch(self, project: str, batch_id: str) -> Batch:
         batch = self.store.get_batch(project, batch_id)
@@ -149,8 +174,47 @@ class BatchService:
         self.get_batch(project, batch_id)
         return self.store.request_cancel(project, batch_id, self._now())
 
-    def list_models(self) -> list[Deployment]:
-        return self.store.list_deployments()
+    def list_models(self, project: str) -> list[Deployment]:
+        """The deployments, and endpoints' names, that `project`'s batches may use."""
+        return [d for d in self.store.list_deployments() if d.usable_by(project)]
+
+
+@dataclass(frozen=True, slots=True)
+class _UploadCap:
+    max_bytes: int | None
+    quota_bytes: int | None
+    used_bytes: int
+
+    @property
+    def allowed(self) -> int | None:
+        """The most bytes this upload may hold, or None for no limit."""
+        caps = [c for c in (self.max_bytes, self.quota_left) if c is not None]
+        return min(caps) if caps else None
+
+    @property
+    def quota_left(self) -> int | None:
+        if self.quota_bytes is None:
+            return None
+        return max(self.quota_bytes - self.used_bytes, 0)
+
+    def refusal(self) -> TooLarge:
+        if self.max_bytes is not None and self.max_bytes == self.allowed:
+            return TooLarge(f"The file is larger than this server's upload limit of "
+                            f"{self.max_bytes} bytes.", param="file")
+        return TooLarge(f"The file would pass this project's storage quota: its live files "
+                        f"use {self.used_bytes} of {self.quota_bytes} bytes, so uploads may "
+                        f"add at most {self.quota_left} more bytes. Delete files to make "
+                        f"room.", param="file")
+
+
+def _copy_capped(source: IO[bytes], out: IO[bytes], cap: _UploadCap) -> None:
+    allowed = cap.allowed
+    written = 0
+    while block := source.read(_COPY_BUFFER):
+        written += len(block)
+        if allowed is not None and written > allowed:
+            raise cap.refusal()
+        out.write(block)
 
 
 def _check_limit(limit: int, maximum: int) -> None:
@@ -179,6 +243,27 @@ def _check_metadata(metadata: dict[str, Any] | None) -> None:
         if len(value) > 512:
             raise InvalidRequest("Metadata values may be at most 512 characters long.",
                                  param=f"metadata.{key}", code="invalid_value")
+
+
+def _check_output_expiry(value: Any) -> None:
+    if value is None:
+        return
+    where = "output_expires_after"
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"Invalid type for '{where}': expected an object with 'anchor' "
+                             f"and 'seconds', but got {_json_type(value)} instead.",
+                             param=where, code="invalid_type")
+    if value.get("anchor") != "created_at":
+        raise InvalidRequest(f"'{where}.anchor' must be 'created_at'.", param=f"{where}.anchor",
+                             code="invalid_value")
+    seconds = value.get("seconds")
+    if isinstance(seconds, float) and seconds.is_integer():
+        seconds = int(seconds)  # JSON does not tell 3600.0 from 3600
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not (
+            MIN_EXPIRES_AFTER_S <= seconds <= MAX_EXPIRES_AFTER_S):
+        raise InvalidRequest(f"'{where}.seconds' must be a whole number between "
+                             f"{MIN_EXPIRES_AFTER_S} and {MAX_EXPIRES_AFTER_S}.",
+                             param=f"{where}.seconds", code="invalid_value")
 
 
 def _json_type(value: Any) -> str:

@@ -56,6 +56,10 @@ class FileRecords(ABC):
         """Files of `project`; with `now`, those not expired by then."""
 
     @abstractmethod
+    def file_bytes(self, project: str, *, now: int) -> int:
+        """Total bytes of `project`'s files not expired by `now` (its quota's usage)."""
+
+    @abstractmethod
     def delete_file(self, project: str, file_id: str) -> FileRecord | None:
         """Remove the record; returns it, or None if there was none."""
 

@@ -24,6 +24,7 @@ from batchery.backend import ModelBackend
 from batchery.batches import BatchError, BatchStatus
 from batchery.chunks import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, ChunkLease
 from batchery.chunks import ChunkResult as Result
+from batchery.deployments import Deployment
 from batchery.exceptions import ConfigError
 from batchery.filestore import FileStore
 from batchery.heartbeat import Heartbeat
@@ -74,6 +75,8 @@ class Worker:
         self._stop_asked_at: float | None = None
         self._cancel_asked = False
         self._backends: dict[str, ModelBackend] = {}
+        #: The deployments behind `_backends`, with the projects that may use them.
+        self._usable: dict[str, Deployment] = {}
         self._runner = asyncio.Runner()
         self._task: asyncio.Task[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,7 +205,7 @@ class Worker:
     def _advance_remote(self, lease: PhaseLease) -> None:
         assert lease.batch.remote is not None
         name = lease.batch.remote["deployment"]
-        deployment = next((d for d in self.store.list_deployments() if d.name == name), None)
+        deployment = self._deployment(name, lease.batch.project)
         if deployment is None:
             self.store.fail_batch(lease, [BatchError(
                 code="model_not_found", param="body.model",
@@ -211,8 +214,12 @@ class Worker:
             return
         try:
             backend = backends.create_remote(deployment)
-        except ConfigError as exc:  # retrying will not mend a configuration
-            remote.fail(self.store, lease, f"cannot build the connector: {exc}", None)
+        except ConfigError as exc:
+            # An operator's error (an unset variable, another BATCHERY_SECRET_KEY): waiting
+            # will not mend it. Without a connector the provider's job cannot be cancelled.
+            cause = str(exc).removeprefix(f"deployment '{name}': ")
+            remote.fail(self.store, lease, f"The connector of the deployment '{name}' cannot "
+                        f"be built on this worker: {cause}", None)
             return
         try:
             remote.advance(self.store, self.files, lease, backend)
@@ -260,8 +267,14 @@ class Worker:
         self._task = asyncio.current_task()
         if self._cancel_asked:  # the heartbeat asked before this task existed
             raise asyncio.CancelledError
+        batch = self.store.get_batch(None, lease.batch_id)
+        project = batch.project if batch is not None else None
+
+        async def backend_for(model: str) -> ModelBackend | None:
+            return await self._backend(model, project)
+
         try:
-            return await execution.run_chunk(lines, lease.endpoint, self._backend,
+            return await execution.run_chunk(lines, lease.endpoint, backend_for,
                                              self.config.retry)
         finally:
             self._task = None
@@ -297,13 +310,24 @@ class Worker:
 
     # -- backends ----------------------------------------------------------------------
 
-    async def _backend(self, model: str) -> ModelBackend | None:
+    def _deployment(self, name: str, project: str | None) -> Deployment | None:
+        """The deployment, if the batch's project may use it. Validation already refused
+        the others; checked again in case it changed hands since."""
+        found = next((d for d in self.store.list_deployments() if d.name == name), None)
+        if found is None or project is None or not found.usable_by(project):
+            return None
+        return found
+
+    async def _backend(self, model: str, project: str | None) -> ModelBackend | None:
+        deployment = self._usable.get(model)
+        if deployment is None or project is None or not deployment.usable_by(project):
+            deployment = self._deployment(model, project)
+            if deployment is None:
+                return None
+            self._usable[model] = deployment
         backend = self._backends.get(model)
         if backend is not None:
             return backend
-        deployment = next((d for d in self.store.list_deployments() if d.name == model), None)
-        if deployment is None:
-            return None
         backend = backends.create(deployment)
         await backend.start()
         self._backends[model] = backend

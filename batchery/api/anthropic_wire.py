@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from batchery.batches import Batch, BatchStatus, EndReason
 from batchery.store import Page
@@ -60,3 +62,40 @@ def page(items: Page[Batch], base_url: str) -> dict[str, Any]:
     return {"data": data, "has_more": items.has_more,
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}
+
+
+# -- documentation of the objects above (the functions render them) ------------------------
+
+class MessageBatchCounts(BaseModel):
+    processing: int
+    succeeded: int
+    errored: int
+    canceled: int
+    expired: int
+
+
+class MessageBatch(BaseModel):
+    id: str
+    type: Literal["message_batch"]
+    processing_status: Literal["in_progress", "canceling", "ended"]
+    request_counts: MessageBatchCounts
+    created_at: datetime
+    expires_at: datetime | None
+    ended_at: datetime | None
+    cancel_initiated_at: datetime | None
+    archived_at: None
+    results_url: str | None
+    #: Extension: the provider's job, for a batch handed to a provider's batch API.
+    remote_job: Any
+
+
+class MessageBatchList(BaseModel):
+    data: list[MessageBatch]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class MessageBatchDeleted(BaseModel):
+    id: str
+    type: Literal["message_batch_deleted"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,9 +12,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchery import __version__, ids
-from batchery.api import errors, metrics
+from batchery.api import bodies, errors, metrics
 from batchery.api.responses import JSONResponse
 from batchery.api.routes import batches, files, jobs, messages, models
+from batchery.api.routes import keys as key_routes
 from batchery.auth import KeyRing
 from batchery.runtime import Runtime
 
@@ -43,6 +45,13 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+class BatcheryAPI(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            errors.document(super().openapi(), keys_required=not self.state.keys.open)
+        return self.openapi_schema or {}
+
+
 def create_app(runtime: Runtime, keys: KeyRing | None = None,
                on_shutdown: Callable[[], None] | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
@@ -52,17 +61,21 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None,
         if on_shutdown is not None:
             await run_in_threadpool(on_shutdown)
 
-    app = FastAPI(title="Batchery", version=__version__, default_response_class=JSONResponse,
-                  lifespan=lifespan)
+    app = BatcheryAPI(title="Batchery", version=__version__,
+                      default_response_class=JSONResponse, lifespan=lifespan)
     app.state.runtime = runtime
     app.state.service = runtime.service
     app.state.message_batches = runtime.message_batches
     app.state.jobs = runtime.jobs
     app.state.keys = keys or KeyRing.load(runtime.settings.keys_file)
     errors.install(app)
+    # Added after the error middleware, so further out: its 413 is counted by the metrics.
+    app.add_middleware(bodies.BodyLimit,
+                       limit_for=functools.partial(bodies.body_cap, runtime.policy.limits))
     for module in (files, batches, models, messages):
         app.include_router(module.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/api/v1")
+    app.include_router(key_routes.router, prefix="/api/v1")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> Any:

@@ -1,4 +1,4 @@
-"""Dependencies shared by the routes."""
+"""Dependencies shared by the routes: who is calling, and the services."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from batchery.auth import KeyRing
 from batchery.service import BatchService
+from batchery.trust import Principal
 
 
 def presented_key(request: Request) -> str | None:
@@ -18,9 +19,27 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or request.headers.get("api-key")
 
 
-def get_project(request: Request) -> str:
+def get_keys(request: Request) -> KeyRing:
     keys: KeyRing = request.app.state.keys
-    return keys.project_for(presented_key(request))
+    return keys
+
+
+def get_principal(request: Request) -> Principal:
+    """The caller; 401 for a missing, unknown or revoked key."""
+    return get_keys(request).principal_for(presented_key(request))
+
+
+Caller = Annotated[Principal, Depends(get_principal)]
+
+
+def get_admin(request: Request, principal: Caller) -> Principal:
+    """The caller, who must hold an admin key (403 otherwise)."""
+    principal.require_admin(f"call {request.method} {request.url.path}")
+    return principal
+
+
+def get_project(principal: Caller) -> str:
+    return principal.project
 
 
 def get_service(request: Request) -> BatchService:
@@ -28,5 +47,7 @@ def get_service(request: Request) -> BatchService:
     return service
 
 
+Admin = Annotated[Principal, Depends(get_admin)]
+Keys = Annotated[KeyRing, Depends(get_keys)]
 Project = Annotated[str, Depends(get_project)]
 Service = Annotated[BatchService, Depends(get_service)]

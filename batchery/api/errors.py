@@ -6,10 +6,15 @@ Routes under `/v1/messages` answer in Anthropic's envelope, all others in OpenAI
 from __future__ import annotations
 
 import logging
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchery import anthropic, ids
 from batchery.api.responses import JSONResponse
@@ -68,21 +73,39 @@ async def _forbidden(request: Request, exc: Exception) -> JSONResponse:
                           code="permission_denied")
 
 
-async def _too_large(request: Request, exc: Exception) -> JSONResponse:
+async def too_large(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TooLarge)
+    # The rest of the body may still be on its way: closing the connection spares the
+    # server reading it, and the client learns not to send more on this connection.
     return error_response(request, 413, exc.message, param=exc.param,
-                          code="request_too_large")
+                          code="request_too_large", headers={"Connection": "close"})
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
     if exc.status_code == 404:
         message = f"Invalid URL ({request.method} {request.url.path})"
     elif exc.status_code == 405:
-        message = f"Method {request.method} is not allowed on {request.url.path}"
+        allowed = allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        message = (f"Method {request.method} is not allowed on {request.url.path}; "
+                   f"allowed: {', '.join(allowed)}.")
     else:
         message = str(exc.detail)
-    return error_response(request, exc.status_code, message)
+    return error_response(request, exc.status_code, message, headers=headers or None)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers on this path. Starlette's own `Allow` names only
+    the first route that matched the path, and a path may have one route per method."""
+    return [method for method in _METHODS if any(
+        isinstance(route, BaseRoute)
+        and route.matches({**request.scope, "method": method})[0] is Match.FULL
+        for route in request.app.router.routes)]
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
@@ -102,13 +125,121 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
                                         "request.", type_="server_error")
 
 
+class UnexpectedErrors:
+    """Answers an unexpected exception with the 500 envelope, and does not let it go on.
+
+    Starlette's outermost `ServerErrorMiddleware` also answers, but then re-raises, and the
+    server drops the connection without `Connection: close`: a client's next request on it
+    fails. This middleware sits inside it, so the exception stops here and the connection
+    stays usable. Once a response has started, only closing the connection can tell the
+    client that it is cut short, so the exception goes on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            response = await _unexpected(Request(scope), exc)
+            await response(scope, receive, send)
+
+
+# -- the error envelopes, in the OpenAPI schema -------------------------------------------
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """The error envelope of `/v1` (but `/v1/messages`) and `/api/v1`."""
+
+    error: OpenAIErrorBody
+
+
+class AnthropicErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(BaseModel):
+    """The error envelope of `/v1/messages`."""
+
+    type: Literal["error"]
+    error: AnthropicErrorBody
+    request_id: str
+
+
+_STATUS_TEXT = {400: "The request is invalid; `param` names the field at fault.",
+                401: "The API key is missing, unknown or revoked.",
+                403: "The key may not do this: a member key on an admin route, or a path, "
+                     "host or setting the operator does not allow.",
+                404: "No such object in the caller's project.",
+                409: "The object's state forbids this, or the name is not available.",
+                413: "The request body or upload is over the operator's limit."}
+
+
+def _error_statuses(method: str, operation: dict[str, Any]) -> list[int]:
+    statuses = [400, 401, 403, 404]
+    if method != "get":
+        statuses.append(409)
+    if "requestBody" in operation:
+        statuses.append(413)
+    return statuses
+
+
+def document(schema: dict[str, Any], *, keys_required: bool) -> None:
+    """Completes FastAPI's schema in place: every operation's error statuses in its API's
+    envelope (and no 422: validation errors are 400s here), and the API key."""
+    models = {m.__name__: m for m in (OpenAIError, AnthropicError)}
+    _, defs = models_json_schema([(m, "serialization") for m in models.values()],
+                                 ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {})
+    found = components.setdefault("schemas", {})
+    found.update(defs.get("$defs", {}))
+    for unused in ("HTTPValidationError", "ValidationError"):
+        found.pop(unused, None)
+    for path, operations in schema.get("paths", {}).items():
+        envelope = "AnthropicError" if path.startswith(ANTHROPIC_PREFIX) else "OpenAIError"
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            for status in _error_statuses(method, operation):
+                responses.setdefault(str(status), {
+                    "description": _STATUS_TEXT[status],
+                    "content": {"application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{envelope}"}}}})
+    if keys_required:
+        components["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "api-key": {"type": "apiKey", "in": "header", "name": "x-api-key"}}
+        schema["security"] = [{"bearer": []}, {"api-key": []}]
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(InvalidRequest, _invalid)
     app.add_exception_handler(Unauthorized, _unauthorized)
     app.add_exception_handler(Forbidden, _forbidden)
-    app.add_exception_handler(TooLarge, _too_large)
+    app.add_exception_handler(TooLarge, too_large)
     app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)
+    # A fallback for errors outside `UnexpectedErrors` (in middleware further out).
     app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(UnexpectedErrors)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from batchery import secrets
+from batchery import deployment_policy, secrets
 from batchery.backend import ModelBackend
 from batchery.deployments import Deployment
 from batchery.exceptions import ConfigError
@@ -69,7 +69,11 @@ def _construct(deployment: Deployment, target: str) -> Any:
     module_name, class_name = target.split(":")
     cls: Any = getattr(importlib.import_module(module_name), class_name)
     options = secrets.open_options(deployment.options, secrets.SecretBox.from_env())
+    # A wrong type fails here, naming the option, rather than deep in the constructor.
+    wrong = deployment_policy.option_type_error(cls, options)
+    if wrong is not None:
+        raise ConfigError(f"deployment '{deployment.name}': {wrong}")
     try:
         return cls(**options)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"deployment '{deployment.name}': bad options: {exc}") from exc

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import math
 import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from batchery.backend import ModelBackend, Reply, Request, error_reply
+from batchery.exceptions import ConfigError
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _DEFAULT_DIM = 16
@@ -26,12 +28,21 @@ class EchoBackend(ModelBackend):
 
     def __init__(self, *, latency_ms: float = 0.0, failure_rate: float = 0.0, seed: int = 0,
                  concurrency: int = 1, dimensions: int = _DEFAULT_DIM) -> None:
-        if not 0.0 <= failure_rate <= 1.0:
-            raise ValueError("failure_rate must be between 0 and 1")
+        if not _number(latency_ms) or latency_ms < 0:
+            raise ConfigError(f"latency_ms: expected a number of milliseconds >= 0, "
+                              f"not {latency_ms!r}")
+        if not _number(failure_rate) or not 0.0 <= failure_rate <= 1.0:
+            raise ConfigError(f"failure_rate: expected a number between 0 and 1, "
+                              f"not {failure_rate!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError(f"seed: expected a whole number, not {seed!r}")
+        for name, value in (("concurrency", concurrency), ("dimensions", dimensions)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}: expected a whole number >= 1, not {value!r}")
         self.latency_s = latency_ms / 1000.0
         self.failure_rate = failure_rate
         self.seed = seed
-        self.concurrency = max(1, concurrency)
+        self.concurrency = concurrency
         self.dimensions = dimensions
 
     async def infer(self, endpoint: str, requests: Sequence[Request]) -> list[Reply]:
@@ -56,6 +67,12 @@ class EchoBackend(ModelBackend):
             return None
         return error_reply(500, "The echo model failed this request on purpose "
                                 "(failure_rate).", type_="server_error")
+
+
+def _number(value: Any) -> bool:
+    """A real number: not a bool, not NaN or infinite."""
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value)
 
 
 def _words(text: str) -> int:

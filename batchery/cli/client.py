@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from batchery.cli.progress import BatchProgress
@@ -42,7 +43,7 @@ def _check(response: httpx.Response) -> Any:
         where = f" (param: {error['param']})" if error.get("param") else ""
     except Exception:
         message, where = response.text, ""
-    errors.print(f"[red]error {response.status_code}:[/red] {message}{where}")
+    errors.print(f"[red]error {response.status_code}:[/red] {escape(message + where)}")
     raise typer.Exit(1)
 
 
@@ -51,7 +52,7 @@ def _request(base_url: str, api_key: str, method: str, path: str, **kwargs: Any)
         with _client(base_url, api_key) as client:
             return _check(client.request(method, path, **kwargs))
     except httpx.TransportError as exc:
-        errors.print(f"[red]error:[/red] cannot reach {base_url}: {exc}")
+        errors.print(f"[red]error:[/red] cannot reach {base_url}: {escape(str(exc))}")
         raise typer.Exit(1) from None
 
 
@@ -100,7 +101,7 @@ def download(file_id: str, output: Annotated[Path, typer.Option("-o", "--output"
                 for block in response.iter_bytes(1 << 20):
                     out.write(block)
     except httpx.TransportError as exc:
-        errors.print(f"[red]error:[/red] cannot reach {base_url}: {exc}")
+        errors.print(f"[red]error:[/red] cannot reach {base_url}: {escape(str(exc))}")
         raise typer.Exit(1) from None
     partial.replace(output)
     errors.print(f"wrote {output}")

@@ -14,6 +14,7 @@ import httpx
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from batchery.client import APIError, Client
@@ -39,10 +40,10 @@ def _client(server: str, api_key: str | None) -> Iterator[Client]:
             yield client
     except APIError as exc:
         where = f" (param: {exc.param})" if exc.param else ""
-        errors.print(f"[red]error {exc.status_code}:[/red] {exc.message}{where}")
+        errors.print(f"[red]error {exc.status_code}:[/red] {escape(exc.message + where)}")
         raise typer.Exit(1) from None
     except httpx.TransportError as exc:
-        errors.print(f"[red]error:[/red] cannot reach {server}: {exc}")
+        errors.print(f"[red]error:[/red] cannot reach {server}: {escape(str(exc))}")
         raise typer.Exit(1) from None
 
 
@@ -52,7 +53,7 @@ def _json_option(raw: str | None, name: str) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
-        errors.print(f"[red]error:[/red] {name} is not valid JSON: {exc}")
+        errors.print(f"[red]error:[/red] {name} is not valid JSON: {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 

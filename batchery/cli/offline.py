@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from batchery.batches import DEFAULT_CHUNK_SIZE, Batch
 from batchery.cli.options import ChunkSize
@@ -56,7 +57,7 @@ def run(
         try:
             runtime = open_runtime(settings, publish_deployments=True)
         except ConfigError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {escape(str(exc))}")
             raise typer.Exit(2) from None
         try:
             batch = _run_to_end(runtime, input_path, state_dir)

@@ -1,7 +1,8 @@
-"""`batchery serve`, `batchery worker` and `batchery keys`."""
+"""`batchery serve` and `batchery worker`."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -16,21 +17,22 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from batchery import auth
+from batchery.auth import KeyRing
 from batchery.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
 from batchery.chunks import DEFAULT_LEASE_S
 from batchery.cli.options import ChunkSize, DatabaseUrl, DataDir, FilesUrl, LeaseSeconds, MaxTasks
-from batchery.deployments import WorkerPoolSpec
+from batchery.deployments import API, Deployment, WorkerPoolSpec
 from batchery.exceptions import ConfigError
 from batchery.jobs.service import PYTHON_BACKEND
 from batchery.runtime import open_runtime
 from batchery.settings import DEFAULT_DATA_DIR, Settings
 from batchery.store import Store
+from batchery.trust import TrustPolicy
 from batchery.worker import Worker
 
 console = Console(stderr=True)
-keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
 log = logging.getLogger("batchery")
 
 
@@ -70,6 +72,12 @@ def serve(
     message_batch_window: Annotated[int, typer.Option(
         "--message-batch-window", envvar="BATCHERY_MESSAGE_BATCH_WINDOW", min=1,
         help="Seconds before an Anthropic message batch expires (24 h as hosted).")] = 86_400,
+    allow_code_deployments: Annotated[bool, typer.Option(
+        "--allow-code-deployments", envvar="BATCHERY_ALLOW_CODE_DEPLOYMENTS",
+        help="Let admin keys create `python` (code) deployments over REST.")] = False,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Allow listening beyond loopback without a keys file "
+                           "(anyone who reaches the port may do anything).")] = False,
     log_level: Annotated[str, typer.Option(envvar="BATCHERY_LOG_LEVEL")] = "info",
 ) -> None:
     """Run the HTTP API and a pool of worker processes."""
@@ -78,25 +86,35 @@ def serve(
     from batchery.api.app import create_app
 
     _logging(log_level)
+    if keys_file is None and not insecure and not _is_loopback(host):
+        console.print(
+            f"[red]error:[/red] without --keys-file, Batchery runs in open mode (any caller may do "
+            f"anything), so it listens only on loopback; refusing --host {host}. Give a keys "
+            f"file (`batchery keys create --project NAME --role admin --keys-file FILE`), or "
+            f"--insecure if every machine that can reach this port is trusted.")
+        raise typer.Exit(2)
     settings = Settings(data_dir=data_dir, database_url=database_url, files_url=files_url,
                         config=config, keys_file=keys_file, chunk_size=chunk_size,
                         lease_s=lease_seconds, max_tasks=max_tasks,
-                        message_batch_window_s=message_batch_window)
+                        message_batch_window_s=message_batch_window,
+                        allow_code_deployments=allow_code_deployments)
     size = _default_workers() if workers is None else workers
     pool = WorkerPool(settings, size, log_level)
     try:
+        keys = KeyRing.load(keys_file)
         runtime = open_runtime(settings, publish_deployments=True)
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
     # Jobs run on each deployment's own pool; `--workers 0` means the API alone.
-    job_pools = DeploymentPools(settings, runtime.store, log_level, enabled=size > 0)
+    job_pools = DeploymentPools(settings, runtime.store, log_level, enabled=size > 0,
+                                 policy=runtime.policy)
 
     def stop_all() -> None:
         job_pools.stop()
         pool.stop()
 
-    app = create_app(runtime, on_shutdown=stop_all)
+    app = create_app(runtime, keys, on_shutdown=stop_all)
     pool.start()
     job_pools.start()
     names = ", ".join(d.name for d in runtime.store.list_deployments() if not d.endpoint)
@@ -108,6 +126,16 @@ def serve(
     finally:
         stop_all()
         runtime.close()
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) names only this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _spawn_worker(settings: Settings, log_level: str, *extra: str) -> subprocess.Popen[bytes]:
@@ -174,6 +202,10 @@ class WorkerPool:
 DEFAULT_JOB_POOL = WorkerPoolSpec(min=0, max=1, idle_seconds=120.0)
 #: How often the pools are resized, in seconds.
 SCALE_EVERY_S = 1.0
+#: How long a deleted deployment's worker may take to stop after SIGTERM, in seconds.
+RETIRE_GRACE_S = 5.0
+#: Open mode's policy, for pools built without one.
+_OPEN_POLICY = TrustPolicy()
 
 
 @dataclass
@@ -186,13 +218,23 @@ class DeploymentPools:
     """A pool of worker processes per `python` deployment, sized to its jobs' queue:
     `min` workers always, one more per batch its jobs could run at once up to `max`. Extra
     workers exit by themselves after `idle_seconds` without work; a worker that dies (a
-    predictor that crashed its process) is replaced while there is work for it."""
+    predictor that crashed its process) is replaced while there is work for it.
+
+    The pools of deployments made over the API run at most the operator's
+    `max_api_pool_processes` processes together. A deployment that is deleted (or changes)
+    has its workers stopped: SIGTERM, then SIGKILL after `RETIRE_GRACE_S`."""
 
     def __init__(self, settings: Settings, store: Store, log_level: str, *,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, policy: TrustPolicy = _OPEN_POLICY) -> None:
         self.settings, self.store, self.log_level = settings, store, log_level
         self.enabled = enabled
+        self.policy = policy
         self._pools: dict[str, list[_PoolWorker]] = {}
+        #: What each pool was started for: a deployment that differs now is another one.
+        self._served: dict[str, Deployment] = {}
+        #: Workers told to stop, with the monotonic time at which they are killed.
+        self._retiring: list[tuple[subprocess.Popen[bytes], float]] = []
+        self._at_cap = False  #: whether the cap on API pools was logged (once per spell)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-pools", daemon=True)
 
@@ -209,20 +251,76 @@ class DeploymentPools:
 
     def scale(self) -> None:
         demand = self.store.job_demand()
-        for deployment in self.store.list_deployments():
-            if deployment.backend != PYTHON_BACKEND or deployment.alias_of:
+        wanted = {d.name: d for d in self.store.list_deployments()
+                  if d.backend == PYTHON_BACKEND and not d.alias_of}
+        self._retire_gone(wanted)
+        room = self.policy.limits.max_api_pool_processes - sum(
+            len(self._reap(name)) for name, d in wanted.items() if d.source == API)
+        refused = False
+        for deployment in wanted.values():
+            budget = room if deployment.source == API else None
+            started, short = self._grow(deployment, demand.get(deployment.name, 0), budget)
+            if deployment.source == API:
+                room -= started
+            refused = refused or short
+        if refused and not self._at_cap:
+            log.warning("the deployments made over the API run %d worker processes, this "
+                        "server's cap (security.max_api_pool_processes); starting no more",
+                        self.policy.limits.max_api_pool_processes)
+        self._at_cap = refused
+        self._finish_retiring()
+
+    def _grow(self, deployment: Deployment, demand: int, budget: int | None
+              ) -> tuple[int, bool]:
+        """Start workers up to the pool's target, at most `budget` (None: no cap). Returns
+        how many started, and whether the budget held some back."""
+        spec = deployment.workers or DEFAULT_JOB_POOL
+        workers = self._reap(deployment.name)
+        self._served[deployment.name] = deployment
+        target = max(spec.min, min(spec.max, demand))
+        started = 0
+        while len(workers) < target and not self._stopping.is_set():
+            if budget is not None and started >= budget:
+                return started, True
+            permanent = sum(w.permanent for w in workers) < spec.min
+            extra = [] if permanent else ["--idle-exit", str(spec.idle_seconds)]
+            proc = _spawn_worker(self.settings, self.log_level, "--no-batches",
+                                 "--deployment", deployment.name, *extra)
+            workers.append(_PoolWorker(proc=proc, permanent=permanent))
+            started += 1
+            log.info("started worker pid %d for deployment %s (%d of at most %d)",
+                     proc.pid, deployment.name, len(workers), spec.max)
+        return started, False
+
+    def _retire_gone(self, wanted: dict[str, Deployment]) -> None:
+        """SIGTERM the workers of deployments deleted, or changed, since they started."""
+        for name in list(self._pools):
+            if name in wanted and self._served.get(name) == wanted[name]:
                 continue
-            spec = deployment.workers or DEFAULT_JOB_POOL
-            workers = self._reap(deployment.name)
-            target = max(spec.min, min(spec.max, demand.get(deployment.name, 0)))
-            while len(workers) < target and not self._stopping.is_set():
-                permanent = sum(w.permanent for w in workers) < spec.min
-                extra = [] if permanent else ["--idle-exit", str(spec.idle_seconds)]
-                proc = _spawn_worker(self.settings, self.log_level, "--no-batches",
-                                     "--deployment", deployment.name, *extra)
-                workers.append(_PoolWorker(proc=proc, permanent=permanent))
-                log.info("started worker pid %d for deployment %s (%d of at most %d)",
-                         proc.pid, deployment.name, len(workers), spec.max)
+            kill_at = time.monotonic() + RETIRE_GRACE_S
+            for worker in self._pools.pop(name):
+                if worker.proc.poll() is None:
+                    worker.proc.send_signal(signal.SIGTERM)
+                    self._retiring.append((worker.proc, kill_at))
+                    log.info("stopping worker pid %d: its deployment %s is gone or changed",
+                             worker.proc.pid, name)
+            self._served.pop(name, None)
+
+    def _finish_retiring(self) -> None:
+        """Reap the retired workers that exited; SIGKILL those past their grace."""
+        now = time.monotonic()
+        still: list[tuple[subprocess.Popen[bytes], float]] = []
+        for proc, kill_at in self._retiring:
+            if proc.poll() is not None:
+                continue  # poll() reaped it
+            if now < kill_at:
+                still.append((proc, kill_at))
+                continue
+            log.warning("worker pid %d did not stop within %gs of SIGTERM; killing it",
+                        proc.pid, RETIRE_GRACE_S)
+            proc.kill()
+            proc.wait()
+        self._retiring = still
 
     def _reap(self, name: str) -> list[_PoolWorker]:
         workers = self._pools.setdefault(name, [])
@@ -242,7 +340,8 @@ class DeploymentPools:
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join()
-        _terminate([w.proc for pool in self._pools.values() for w in pool], grace_s)
+        _terminate([w.proc for pool in self._pools.values() for w in pool]
+                   + [proc for proc, _ in self._retiring], grace_s)
 
 
 def worker(
@@ -305,13 +404,3 @@ def _exit_with_pool_parent() -> None:
     if os.getppid() != int(parent):  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
-
-@keys_app.command("create")
-def create_key(
-    project: Annotated[str, typer.Option(help="The project the key belongs to.")],
-    keys_file: Annotated[Path, typer.Option("--keys-file", envvar="BATCHERY_KEYS_FILE")],
-    name: Annotated[str | None, typer.Option(help="A label for the key.")] = None,
-) -> None:
-    """Create an API key: prints it once, and stores only its hash."""
-    key = auth.add_key(keys_file, project, name)
-    typer.echo(key)

@@ -47,3 +47,7 @@ class FsspecFileStore(FileStore):
     def delete_prefix(self, prefix: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._path(prefix), recursive=True)
+
+    def url(self, key: str) -> str:
+        path = self._path(key)
+        return path if self._local else str(self.fs.unstrip_protocol(path))

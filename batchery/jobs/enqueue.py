@@ -15,8 +15,9 @@ import orjson
 from batchery.filestore import FileStore
 from batchery.jobs import inputs
 from batchery.jobs.joblog import JobLog
-from batchery.jobs.model import BatchSpec, InputKind, JobInput, JobLease
+from batchery.jobs.model import BatchSpec, InputKind, Job, JobInput, JobLease
 from batchery.jobs.store import JobPhaseQueue
+from batchery.store import Store
 
 #: A segment file is cut after this many batches or bytes, whichever comes first.
 SEGMENT_BATCHES = 100
@@ -32,20 +33,39 @@ class EnqueueError(Exception):
     """The input cannot be enqueued, and trying again will not help."""
 
 
-def iter_items(job_input: JobInput) -> Iterator[Any]:
-    """Every item of the input, always in the same order."""
+#: Finds a project's uploaded file by id, as a source to read.
+Resolver = Callable[[str], inputs.Source]
+
+
+def iter_items(job_input: JobInput, resolve: Resolver | None = None) -> Iterator[Any]:
+    """Every item of the input, always in the same order: the files the paths list,
+    then the uploaded files given by id (which `resolve` finds)."""
     if job_input.kind is InputKind.ITEM_LIST:
         yield from job_input.items or []
         return
-    selection = inputs.FileSelection(paths=job_input.paths, includes=job_input.includes,
-                                     excludes=job_input.excludes)
-    found = inputs.list_files(selection, param=job_input.kind.value)
+    param = job_input.kind.value
+    found: list[inputs.Source] = []
+    if job_input.paths:
+        selection = inputs.FileSelection(paths=job_input.paths, includes=job_input.includes,
+                                         excludes=job_input.excludes)
+        found = [inputs.Source.of(url) for url in inputs.list_files(selection, param=param)]
+    if job_input.file_ids and resolve is None:
+        raise EnqueueError("this worker cannot read uploaded files (file_ids)")
+    found += [resolve(file_id) for file_id in job_input.file_ids] if resolve else []
     if job_input.kind is InputKind.FILE_PATH_LISTER:
-        yield from found
+        yield from (source.url for source in found)
         return
-    inputs.check_delimited(found, param=job_input.kind.value)
-    for url in found:
-        yield from inputs.iter_records(url)
+    inputs.check_delimited(found, param=param)
+    for source in found:
+        yield from inputs.iter_records(source)
+
+
+def resolver(store: Store, files: FileStore, job: Job) -> Resolver:
+    """Finds `job`'s project's uploaded files, as the job's submission did."""
+    def resolve(file_id: str) -> inputs.Source:
+        return inputs.uploaded(store.get_file(job.project, file_id), file_id, files.url,
+                               param=job.input.kind.value, now=time.time())
+    return resolve
 
 
 def dump(value: Any) -> bytes:
@@ -53,7 +73,7 @@ def dump(value: Any) -> bytes:
 
 
 def enqueue(store: JobPhaseQueue, files: FileStore, lease: JobLease,
-            lost: Callable[[], bool], log: JobLog) -> None:
+            lost: Callable[[], bool], log: JobLog, *, resolve: Resolver | None = None) -> None:
     job = lease.job
     size = job.input.batch_size
     index, first = job.total_batch_count, job.total_items
@@ -62,7 +82,7 @@ def enqueue(store: JobPhaseQueue, files: FileStore, lease: JobLease,
     else:
         log.write(job.id, "INFO", f"partitioning the {job.input.kind.value} input into "
                                   f"batches of {size}")
-    items = itertools.islice(iter_items(job.input), first, None)
+    items = itertools.islice(iter_items(job.input, resolve), first, None)
     segment, specs = bytearray(), []
     while batch := list(itertools.islice(items, size)):
         start = len(segment)

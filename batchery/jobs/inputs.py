@@ -1,32 +1,80 @@
 """Job inputs on any fsspec file system: listing files with glob filters, and streaming
 the records of delimited files (NDJSON, CSV/TSV, Parquet) without ever holding a whole
-file in memory."""
+file in memory.
+
+A file to read is a `Source`: a URL and the format of its records. Listed files take
+their format from their name; a project's uploaded files (given by id) from the name
+they were uploaded with, as their blob in the file store has none."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 import orjson
 
 from batchery.exceptions import BatcheryError, InvalidRequest
+from batchery.files import INTERNAL_PURPOSE_PREFIX, FileRecord
 
 _NDJSON = (".jsonl", ".ndjson", ".json")
 _CSV = {".csv": ",", ".tsv": "\t"}
 _PARQUET = (".parquet", ".pq")
 SUPPORTED = (*_NDJSON, *_CSV, *_PARQUET)
 _GLOB_CHARS = re.compile(r"[*?\[]")
+LOCAL_PROTOCOLS = ("file", "local")
 
 
 class RecordError(BatcheryError):
     """A record of a delimited file cannot be read."""
 
-    def __init__(self, url: str, where: str, message: str) -> None:
-        super().__init__(f"{url.rsplit('/', 1)[-1]} {where}: {message}")
-        self.url, self.where = url, where
+    def __init__(self, name: str, where: str, message: str) -> None:
+        super().__init__(f"{name} {where}: {message}" if where else f"{name}: {message}")
+        self.name, self.where = name, where
+
+
+class SourceUnavailable(OSError):
+    """A remote file could not be listed or read. Says which and the exception's type,
+    never the text: that may be what a server answered. An OSError, so that the worker
+    tries again."""
+
+
+def is_local(url: str) -> bool:
+    protocol, _ = fsspec.core.split_protocol(url)
+    return protocol is None or protocol in LOCAL_PROTOCOLS
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Source:
+    """A file whose records (or whose URL, for `file_path_lister`) a job reads."""
+
+    url: str
+    #: The record format, as a file name suffix (`.csv`); '' when the name has none.
+    format: str
+    #: How messages name it: the URL, or the file id and the name it was uploaded with.
+    label: str
+    #: The field of the job's input it came from: `paths` or `file_ids`.
+    origin: str = "paths"
+    file_id: str | None = None
+
+    @property
+    def shown(self) -> str:
+        """What a dry run lists: the URL of a listed file, the id of an uploaded one."""
+        return self.file_id or self.url
+
+    @classmethod
+    def of(cls, url: str) -> Source:
+        return cls(url=url, format=_suffix(url), label=url)
+
+    @property
+    def local(self) -> bool:
+        return is_local(self.url)
+
+
+def _source(source: str | Source) -> Source:
+    return source if isinstance(source, Source) else Source.of(source)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -34,6 +82,16 @@ class FileSelection:
     paths: tuple[str, ...]
     includes: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
+
+
+class Guard(Protocol):
+    """What a listing may look at (a shared server's sandbox)."""
+
+    def may_list(self, url: str) -> bool:
+        """Whether the listing may look under `url` (a directory or prefix)."""
+
+    def check_found(self, url: str, param: str) -> None:
+        """Raise InvalidRequest for a found file the job may not read."""
 
 
 def compile_glob(pattern: str, param: str) -> re.Pattern[str]:
@@ -74,19 +132,33 @@ def compile_glob(pattern: str, param: str) -> re.Pattern[str]:
         raise InvalidRequest(f"The glob '{pattern}' is not valid: {exc}.", param=param) from None
 
 
-def list_files(selection: FileSelection, *, param: str) -> list[str]:
-    """Every matched file as a URL a worker can open, sorted and de-duplicated."""
+def glob_base(path: str) -> tuple[str, str] | None:
+    """(the part before the segment holding the first glob character, the rest), or
+    None when `path` has no glob character."""
+    wildcard = _GLOB_CHARS.search(path)
+    if wildcard is None:
+        return None
+    cut = path.rfind("/", 0, wildcard.start())
+    return (path[:cut], path[cut + 1:]) if cut >= 0 else ("", path)
+
+
+def list_files(selection: FileSelection, *, param: str, guard: Guard | None = None) -> list[str]:
+    """Every matched file as a URL a worker can open, sorted and de-duplicated. With a
+    `guard`, nothing is listed under a place it refuses, and every match is checked
+    before it is returned."""
     includes = [compile_glob(g, f"{param}.includes[{i}]")
                 for i, g in enumerate(selection.includes)]
     excludes = [compile_glob(g, f"{param}.excludes[{i}]")
                 for i, g in enumerate(selection.excludes)]
     found: set[str] = set()
     for path in selection.paths:
-        for url, relative in _expand(path, f"{param}.paths"):
+        for url, relative in _expand(path, f"{param}.paths", guard):
             if includes and not any(g.match(relative) for g in includes):
                 continue
             if any(g.match(relative) for g in excludes):
                 continue
+            if guard is not None:
+                guard.check_found(url, f"{param}.paths")
             found.add(url)
     if not found:
         raise InvalidRequest(f"No file matched {list(selection.paths)} with includes "
@@ -95,30 +167,41 @@ def list_files(selection: FileSelection, *, param: str) -> list[str]:
     return sorted(found)
 
 
-def _expand(path: str, param: str) -> Iterator[tuple[str, str]]:
+def _expand(path: str, param: str, guard: Guard | None) -> Iterator[tuple[str, str]]:
     """(url, path relative to the listed root) for each file under `path`."""
     try:
         fs, root = fsspec.core.url_to_fs(path)
         protocol = _protocol(fs)
-        wildcard = _GLOB_CHARS.search(root)
-        if wildcard:
-            base = root[:wildcard.start()].rsplit("/", 1)[0]
-            names = [n for n in fs.glob(root) if fs.isfile(n)]
-        elif fs.isfile(root):
-            base, names = root.rsplit("/", 1)[0], [root]
-        elif fs.isdir(root):
-            base, names = root.rstrip("/"), list(fs.find(root))
-        else:  # a prefix, as in s3://bucket/images/img
-            base = root.rsplit("/", 1)[0]
-            names = [n for n in fs.find(base) if n.startswith(root)] if base else []
+        base, names = _names(fs, protocol, root, guard)
     except Exception as exc:
         # Any failure to list is about the caller's path; s3fs and friends raise their
-        # own types (a missing credential, say).
-        raise InvalidRequest(f"Cannot list '{path}': {type(exc).__name__}: {exc}",
+        # own types (a missing credential, say). A remote store's words stay out of the
+        # answer: they may come from a server the caller should not learn about.
+        detail = f": {exc}" if is_local(path) else ""
+        raise InvalidRequest(f"Cannot list '{path}': {type(exc).__name__}{detail}",
                              param=param) from None
     for name in names:
         relative = name[len(base):].lstrip("/") if base and name.startswith(base) else name
         yield _url(protocol, name), relative
+
+
+def _names(fs: Any, protocol: str, root: str, guard: Guard | None) -> tuple[str, list[str]]:
+    def may_list(where: str) -> bool:
+        return guard is None or guard.may_list(_url(protocol, where))
+
+    globbed = glob_base(root)
+    if globbed is not None:
+        base = globbed[0]
+        return base, [n for n in fs.glob(root) if fs.isfile(n)] if may_list(base) else []
+    if fs.isfile(root):
+        return root.rsplit("/", 1)[0], [root]
+    if fs.isdir(root):
+        return root.rstrip("/"), list(fs.find(root)) if may_list(root) else []
+    # A prefix, as in s3://bucket/images/img: its parent is listed.
+    base = root.rsplit("/", 1)[0]
+    if not base or not may_list(base):
+        return base, []
+    return base, [n for n in fs.find(base) if n.startswith(root)]
 
 
 def _protocol(fs: Any) -> str:
@@ -128,72 +211,132 @@ def _protocol(fs: Any) -> str:
 
 
 def _url(protocol: str, name: str) -> str:
-    if protocol in ("file", "local"):
+    if protocol in LOCAL_PROTOCOLS:
         return name if name.startswith("/") else "/" + name
     return f"{protocol}://{name}"
 
 
-def _suffix(url: str) -> str:
-    name = url.rsplit("/", 1)[-1].lower()
+def blob_url(store_url: str, key: str) -> str:
+    """The URL of the blob at `key` of the file store at `store_url`, as a worker or a
+    predictor opens it (a plain path for a local store)."""
+    fs, root = fsspec.core.url_to_fs(store_url)
+    return _url(_protocol(fs), f"{root.rstrip('/')}/{key}")
+
+
+def _suffix(name: str) -> str:
+    name = name.rsplit("/", 1)[-1].lower()
     return name[name.rfind("."):] if "." in name else ""
 
 
-def check_delimited(urls: Sequence[str], *, param: str) -> None:
-    for url in urls:
-        if _suffix(url) not in SUPPORTED:
-            raise InvalidRequest(f"'{url}' is not a delimited file Batchery can read "
+def uploaded(record: FileRecord | None, file_id: str, url: Callable[[str], str], *,
+             param: str, now: float) -> Source:
+    """The source of an uploaded file given by id. `record` is the project's file of that
+    id, if any: an unknown id and another project's id get the same answer."""
+    if record is None or record.purpose.startswith(INTERNAL_PURPOSE_PREFIX) \
+            or (record.expires_at is not None and record.expires_at <= now):
+        raise InvalidRequest(f"No uploaded file found with id '{file_id}'.",
+                             param=f"{param}.file_ids")
+    return Source(url=url(record.storage_key), format=_suffix(record.filename),
+                  label=f"{file_id} ({record.filename})", origin="file_ids",
+                  file_id=file_id)
+
+
+def check_delimited(sources: Sequence[str | Source], *, param: str) -> None:
+    for source in map(_source, sources):
+        if source.format not in SUPPORTED:
+            raise InvalidRequest(f"'{source.label}' is not a delimited file Batchery can read "
                                  f"(supported: {', '.join(SUPPORTED)}).",
-                                 param=f"{param}.paths")
+                                 param=f"{param}.{source.origin}")
 
 
-def iter_records(url: str, *, batch_rows: int = 4096) -> Iterator[Any]:
-    suffix = _suffix(url)
-    if suffix in _NDJSON:
-        yield from _ndjson(url)
-    elif suffix in _CSV:
-        yield from _csv(url, _CSV[suffix])
-    elif suffix in _PARQUET:
-        yield from _parquet(url, batch_rows)
+def iter_records(source: str | Source, *, batch_rows: int = 4096) -> Iterator[Any]:
+    source = _source(source)
+    if source.format in _NDJSON:
+        records = _ndjson(source)
+    elif source.format in _CSV:
+        records = _csv(source, _CSV[source.format])
+    elif source.format in _PARQUET:
+        records = _parquet(source, batch_rows)
     else:
-        raise RecordError(url, "", f"unsupported file type (supported: {', '.join(SUPPORTED)})")
+        raise RecordError(source.label, "", f"unsupported file type (supported: "
+                                            f"{', '.join(SUPPORTED)})")
+    yield from _guarded(source, records)
 
 
-def _ndjson(url: str) -> Iterator[Any]:
-    with fsspec.open(url, "rb") as stream:
+def _guarded(source: Source, values: Iterator[Any]) -> Iterator[Any]:
+    """`values`, with a file that is not what its name says turned into a RecordError,
+    and a remote failure into SourceUnavailable."""
+    try:
+        yield from values
+    except RecordError:
+        raise
+    except Exception as exc:
+        raise _read_error(source, exc) from None
+
+
+def _read_error(source: Source, exc: Exception) -> Exception:
+    import pyarrow as pa
+
+    if isinstance(exc, pa.ArrowException) and not isinstance(exc, OSError):
+        # pyarrow's words are about the bytes it parsed, never about a server.
+        return RecordError(source.label, "", f"not a valid {source.format.lstrip('.')} "
+                                             f"file: {exc}")
+    if source.local:
+        return exc
+    return SourceUnavailable(f"Cannot read '{source.label}': {type(exc).__name__}")
+
+
+def _ndjson(source: Source) -> Iterator[Any]:
+    with fsspec.open(source.url, "rb") as stream:
         for number, line in enumerate(stream, start=1):
             if not line.strip():
                 continue
             try:
                 yield orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                raise RecordError(url, f"line {number}", f"not valid JSON: {exc}") from None
+                raise RecordError(source.label, f"line {number}",
+                                  f"not valid JSON: {exc}") from None
 
 
-def _csv(url: str, delimiter: str) -> Iterator[Any]:
+def _csv(source: Source, delimiter: str) -> Iterator[Any]:
     from pyarrow import csv
 
-    with fsspec.open(url, "rb") as stream:
+    with fsspec.open(source.url, "rb") as stream:
         reader = csv.open_csv(stream, parse_options=csv.ParseOptions(delimiter=delimiter))
         for batch in reader:
             yield from batch.to_pylist()
 
 
-def _parquet(url: str, batch_rows: int) -> Iterator[Any]:
+def _parquet(source: Source, batch_rows: int) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
-    with fsspec.open(url, "rb") as stream:
+    with fsspec.open(source.url, "rb") as stream:
         for batch in pq.ParquetFile(stream).iter_batches(batch_size=batch_rows):
             yield from batch.to_pylist()
 
 
-def count_records(url: str) -> int:
-    suffix = _suffix(url)
-    if suffix in _PARQUET:
-        import pyarrow.parquet as pq
+def _parquet_rows(source: Source) -> Iterator[int]:
+    import pyarrow.parquet as pq
 
-        with fsspec.open(url, "rb") as stream:
-            return int(pq.ParquetFile(stream).metadata.num_rows)
-    if suffix in _NDJSON:
-        with fsspec.open(url, "rb") as stream:
-            return sum(1 for line in stream if line.strip())
-    return sum(1 for _ in iter_records(url))
+    with fsspec.open(source.url, "rb") as stream:
+        yield int(pq.ParquetFile(stream).metadata.num_rows)
+
+
+def count_records(source: str | Source) -> int:
+    """How many records the file holds. Every NDJSON line and CSV row is parsed, so that
+    a file a worker could not read fails here."""
+    source = _source(source)
+    if source.format in _PARQUET:
+        return sum(_guarded(source, _parquet_rows(source)))
+    return sum(1 for _ in iter_records(source))
+
+
+def count_for_request(source: Source, *, param: str) -> int:
+    """`count_records`, with any failure a 400 that names the file and what is wrong."""
+    try:
+        return count_records(source)
+    except (RecordError, SourceUnavailable) as exc:
+        message = str(exc)
+    except Exception as exc:  # a local file: its own words name the problem
+        message = f"Cannot read '{source.label}': {type(exc).__name__}: {exc}"
+    raise InvalidRequest(message, param=f"{param}.{source.origin}")

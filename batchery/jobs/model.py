@@ -91,12 +91,14 @@ class JobInput:
     paths: tuple[str, ...] = ()  #: the file inputs
     includes: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
+    file_ids: tuple[str, ...] = ()  #: the project's uploaded files, read after `paths`
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind is InputKind.ITEM_LIST:
             return {"items": self.items, "batch_size": self.batch_size}
-        return {"paths": list(self.paths), "includes": list(self.includes),
-                "excludes": list(self.excludes), "batch_size": self.batch_size}
+        shown = {"paths": list(self.paths), "includes": list(self.includes),
+                 "excludes": list(self.excludes), "batch_size": self.batch_size}
+        return shown | ({"file_ids": list(self.file_ids)} if self.file_ids else {})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

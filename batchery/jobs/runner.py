@@ -134,7 +134,8 @@ class JobRunner:
 
     def _enqueue(self, lease: JobLease, lost: Callable[[], bool]) -> None:
         try:
-            enqueue.enqueue(self.store, self.files, lease, lost, self.joblog)
+            enqueue.enqueue(self.store, self.files, lease, lost, self.joblog,
+                            resolve=enqueue.resolver(self.store, self.files, lease.job))
         except enqueue.LeaseLost:
             raise
         except Exception as exc:

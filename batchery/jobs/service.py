@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from batchery import backends, secrets
+from batchery import auth, backends, deployment_policy, secrets
 from batchery.deployments import API, Deployment, Endpoint, parse_deployment, parse_endpoint
-from batchery.exceptions import ConfigError, Conflict, InvalidRequest, NotFound
-from batchery.jobs import inputs, outputs, submission
+from batchery.exceptions import ConfigError, Conflict, Forbidden, InvalidRequest, NotFound
+from batchery.jobs import inputs, outputs, sandbox, submission
 from batchery.jobs.model import (
     BatchState,
     InputKind,
@@ -30,8 +30,11 @@ from batchery.jobs.model import (
 )
 from batchery.paging import Page
 from batchery.store import Store
+from batchery.trust import Principal, TrustPolicy
 
 PYTHON_BACKEND = "python"
+#: Open mode's policy, for a service built without one (tests, `batchery run`).
+_OPEN_POLICY = TrustPolicy()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -53,44 +56,68 @@ class JobView:
 
 
 class JobService:
-    def __init__(self, store: Store, *, outputs_url: str, stall_after_s: float = 60.0) -> None:
+    def __init__(self, store: Store, *, outputs_url: str, stall_after_s: float = 60.0,
+                 policy: TrustPolicy = _OPEN_POLICY, files_url: str | None = None) -> None:
         self.store = store
         self.outputs_url = outputs_url
+        #: The file store's root, where uploaded files (job inputs by id) live.
+        self.files_url = files_url or outputs_url.rstrip("/").removesuffix("/outputs")
         self.stall_after_s = stall_after_s
+        self.policy = policy
 
     # -- endpoints ---------------------------------------------------------------------
 
-    def list_endpoints(self) -> list[tuple[Endpoint, list[Deployment]]]:
+    def list_endpoints(self, who: Principal | str) -> list[tuple[Endpoint, list[Deployment]]]:
+        """The endpoints `who` sees: an admin every one; a member (or a bare project name)
+        its project's own and the config file's that its project may use."""
         members = [d for d in self.store.list_deployments() if d.endpoint]
         return [(e, [d for d in members if d.endpoint == e.name])
-                for e in self.store.list_endpoints()]
+                for e in self.store.list_endpoints() if _sees(who, e)]
 
-    def get_endpoint(self, name: str) -> tuple[Endpoint, list[Deployment]]:
-        for endpoint, members in self.list_endpoints():
+    def visible_endpoint(self, who: Principal | str, name: str
+                         ) -> tuple[Endpoint, list[Deployment]]:
+        """The endpoint, with its deployments; NotFound, as for a missing one, when `who`
+        (a caller, or the project of a job) may not see it."""
+        for endpoint, members in self.list_endpoints(who):
             if endpoint.name == name:
                 return endpoint, members
         raise NotFound(f"No endpoint named '{name}'.", param="endpoint")
 
-    def create_endpoint(self, body: Any) -> tuple[Endpoint, list[Deployment]]:
+    def get_endpoint(self, who: Principal | str, name: str) -> tuple[Endpoint, list[Deployment]]:
+        return self.visible_endpoint(who, name)
+
+    def create_endpoint(self, principal: Principal, body: Any
+                        ) -> tuple[Endpoint, list[Deployment]]:
+        principal.require_admin("create endpoints")
+        owner = _owner(principal, body)
+        if isinstance(body, dict):
+            body = {k: v for k, v in body.items() if k != "project"}
         try:
             endpoint, members = parse_endpoint(body, "body", source=API)
         except ConfigError as exc:
             raise InvalidRequest(str(exc), param="body") from None
-        endpoint = dataclasses.replace(endpoint, created_at=time.time())
-        self.store.create_endpoint(endpoint, [self._checked(m) for m in members])
-        return self.get_endpoint(endpoint.name)
+        endpoint = dataclasses.replace(endpoint, created_at=time.time(), project=owner)
+        checked = [self._checked(dataclasses.replace(m, project=owner)) for m in members]
+        self.store.create_endpoint(endpoint, checked)
+        return self.visible_endpoint(principal, endpoint.name)
 
-    def add_deployment(self, endpoint: str, body: Any) -> Deployment:
-        self.get_endpoint(endpoint)
+    def add_deployment(self, principal: Principal, endpoint_name: str, body: Any
+                       ) -> Deployment:
+        endpoint, _ = self.visible_endpoint(principal, endpoint_name)
+        _require_manager(principal, endpoint, "add deployments to endpoints")
         try:
-            deployment = parse_deployment(body, "body", endpoint=endpoint, source=API)
+            deployment = parse_deployment(body, "body", endpoint=endpoint.name, source=API)
         except ConfigError as exc:
             raise InvalidRequest(str(exc), param="body") from None
+        deployment = dataclasses.replace(deployment, project=endpoint.project,
+                                         projects=endpoint.projects)
         self.store.add_deployment(self._checked(deployment))
         return deployment
 
     def _checked(self, deployment: Deployment) -> Deployment:
-        """Build the backend once (bad options fail now), and seal credentials."""
+        """Apply the operator's policy, build the backend once (bad options fail now), and
+        seal credentials."""
+        deployment_policy.check(deployment, self.policy, via_api=True)
         if deployment.backend != PYTHON_BACKEND:
             try:
                 backends.check(deployment)
@@ -100,33 +127,45 @@ class JobService:
         return dataclasses.replace(deployment, options=secrets.seal_options(
             deployment.options, box, f"deployment '{deployment.name}' options"))
 
-    def set_default_deployment(self, endpoint: str, deployment: Any) -> Endpoint:
+    def set_default_deployment(self, principal: Principal, endpoint_name: str,
+                               deployment: Any) -> Endpoint:
+        endpoint, _ = self.visible_endpoint(principal, endpoint_name)
+        _require_manager(principal, endpoint, "change endpoints")
         if not isinstance(deployment, str):
             raise InvalidRequest("'default_deployment' must be a deployment's name.",
                                  param="default_deployment")
-        return self.store.set_default_deployment(endpoint, deployment)
+        return self.store.set_default_deployment(endpoint.name, deployment)
 
-    def delete_endpoint(self, name: str) -> None:
-        self.store.delete_endpoint(name)
+    def delete_endpoint(self, principal: Principal, name: str) -> None:
+        endpoint, _ = self.visible_endpoint(principal, name)
+        _require_manager(principal, endpoint, "delete endpoints")
+        self.store.delete_endpoint(endpoint.name)
 
     # -- jobs --------------------------------------------------------------------------
 
     def submit(self, project: str, endpoint_name: str, body: Any, *,
                dry_run: bool = False) -> Job | DryRun:
         spec = submission.parse(body)
-        endpoint, members = self.get_endpoint(endpoint_name)
+        endpoint, members = self.visible_endpoint(project, endpoint_name)
         deployment = self._deployment(endpoint, members, spec.deployment)
-        files = self._files(spec.input)
+        box = sandbox.Sandbox(self.policy, project, outputs_url=self.outputs_url,
+                              files_url=self.files_url)
+        # Every named place is checked before anything is listed, opened or connected to.
+        output_base = box.output_base(spec.output_path)
+        job_input = spec.input
+        if job_input.kind is not InputKind.ITEM_LIST:
+            job_input = dataclasses.replace(job_input, paths=box.input_paths(
+                job_input.paths, f"{job_input.kind.value}.paths"))
+        files = self._files(project, job_input, box)
         if dry_run or spec.dry_run:
-            items = _count_items(spec.input, files)
+            items = _count_items(job_input, files)
             return DryRun(endpoint=endpoint.name, deployment=deployment.short_name,
-                          files=files, total_items=items,
-                          total_batch_count=math.ceil(items / spec.input.batch_size))
+                          files=[f.shown for f in files], total_items=items,
+                          total_batch_count=math.ceil(items / job_input.batch_size))
         new_id = job_id()
         job = Job(id=new_id, project=project, endpoint=endpoint.name,
-                  deployment=deployment.short_name, input=spec.input, options=spec.options,
-                  output_path=outputs.job_dir(spec.output_path or self.outputs_url, new_id),
-                  created_at=time.time())
+                  deployment=deployment.short_name, input=job_input, options=spec.options,
+                  output_path=outputs.job_dir(output_base, new_id), created_at=time.time())
         self.store.insert_job(job)
         return job
 
@@ -145,15 +184,27 @@ class JobService:
                                  param="deployment")
         return found
 
-    @staticmethod
-    def _files(job_input: JobInput) -> list[str]:
+    def _files(self, project: str, job_input: JobInput,
+               box: sandbox.Sandbox) -> list[inputs.Source]:
+        """The files the job reads, in the order its worker reads them: the listed paths,
+        then the uploaded files given by id."""
         if job_input.kind is InputKind.ITEM_LIST:
             return []
-        selection = inputs.FileSelection(paths=job_input.paths, includes=job_input.includes,
-                                         excludes=job_input.excludes)
-        found = inputs.list_files(selection, param=job_input.kind.value)
+        param = job_input.kind.value
+        found: list[inputs.Source] = []
+        if job_input.paths:
+            selection = inputs.FileSelection(paths=job_input.paths,
+                                             includes=job_input.includes,
+                                             excludes=job_input.excludes)
+            found = [inputs.Source.of(url)
+                     for url in inputs.list_files(selection, param=param, guard=box)]
+        now = time.time()
+        found += [inputs.uploaded(self.store.get_file(project, file_id), file_id,
+                                  lambda key: inputs.blob_url(self.files_url, key),
+                                  param=param, now=now)
+                  for file_id in job_input.file_ids]
         if job_input.kind is InputKind.DELIMITED_FILES:
-            inputs.check_delimited(found, param=job_input.kind.value)
+            inputs.check_delimited(found, param=param)
         return found
 
     def get(self, project: str, job_id_: str) -> Job:
@@ -219,6 +270,28 @@ class JobService:
         return outputs.read(job.results_url)
 
 
+def _sees(who: Principal | str, endpoint: Endpoint) -> bool:
+    if isinstance(who, Principal):
+        return who.is_admin or endpoint.usable_by(who.project)
+    return endpoint.usable_by(who)
+
+
+def _require_manager(principal: Principal, endpoint: Endpoint, action: str) -> None:
+    """Admins manage what the API made; what the config file declares stays its own."""
+    principal.require_admin(action)
+    if endpoint.source != API:
+        raise Forbidden(f"The endpoint '{endpoint.name}' is declared in the config file; "
+                        f"change it there.")
+
+
+def _owner(principal: Principal, body: Any) -> str:
+    """The project a new endpoint belongs to: the body's `project`, else the admin's own."""
+    project = body.get("project") if isinstance(body, dict) else None
+    if project is None:
+        return principal.project
+    return auth.check_name(project, "project")
+
+
 def _worker_counts(found: list[JobWorker]) -> dict[str, int]:
     counts = {state.value: 0 for state in WorkerState}
     for worker in found:
@@ -226,9 +299,10 @@ def _worker_counts(found: list[JobWorker]) -> dict[str, int]:
     return counts
 
 
-def _count_items(job_input: JobInput, files: list[str]) -> int:
+def _count_items(job_input: JobInput, files: list[inputs.Source]) -> int:
     if job_input.kind is InputKind.ITEM_LIST:
         return len(job_input.items or [])
     if job_input.kind is InputKind.FILE_PATH_LISTER:
         return len(files)
-    return sum(inputs.count_records(url) for url in files)
+    # A file a worker could not read is a 400 that names it, not a 500.
+    return sum(inputs.count_for_request(f, param=job_input.kind.value) for f in files)

@@ -20,6 +20,9 @@ from batchery.jobs.model import (
 _INPUTS = tuple(k.value for k in InputKind)
 _OPTIONS = ("deployment", "workers", "config", "timeout", "batch_timeout", "max_retries",
             "error_threshold", "output", "output_path", "dry_run")
+#: The largest whole number a submission may give (batch sizes, retries, workers): what
+#: the database and JSON encoders hold, far beyond any useful value.
+_MAX_INT = 2**31 - 1
 #: Most items an `item_list` may carry inline; larger datasets belong in files.
 MAX_INLINE_ITEMS = 1_000_000
 
@@ -59,7 +62,7 @@ def _input(kind: InputKind, raw: Any) -> JobInput:
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"'{name}' must be an object.", param=name)
     known = {"items", "batch_size"} if kind is InputKind.ITEM_LIST else \
-        {"paths", "includes", "excludes", "batch_size"}
+        {"paths", "file_ids", "includes", "excludes", "batch_size"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise InvalidRequest(f"Unknown field '{name}.{unknown[0]}'. Known: "
@@ -80,20 +83,24 @@ def _input(kind: InputKind, raw: Any) -> JobInput:
                                  param="item_list.items")
         return JobInput(kind=kind, batch_size=batch_size, items=items)
     paths = _strings(raw, "paths", name)
-    if not paths:
-        raise InvalidRequest(f"'{name}.paths' must be a non-empty list of paths or URLs.",
+    # Each file once, in the order given: the worker reads them in this order.
+    file_ids = tuple(dict.fromkeys(_strings(raw, "file_ids", name)))
+    if not paths and not file_ids:
+        raise InvalidRequest(f"'{name}.paths' (paths or URLs) or '{name}.file_ids' (ids of "
+                             f"uploaded files) must be a non-empty list.",
                              param=f"{name}.paths")
-    return JobInput(kind=kind, batch_size=batch_size, paths=paths,
+    return JobInput(kind=kind, batch_size=batch_size, paths=paths, file_ids=file_ids,
                     includes=_strings(raw, "includes", name),
                     excludes=_strings(raw, "excludes", name))
 
 
 def _options(body: Mapping[str, Any]) -> JobOptions:
-    config = body.get("config") or {}
+    config = body.get("config")
+    config = {} if config is None else config  # 0, "" or [] are no objects
     if not isinstance(config, Mapping):
         raise InvalidRequest("'config' must be an object.", param="config")
     output = body.get("output", OutputMode.APPEND_ROW.value)
-    if output not in {m.value for m in OutputMode}:
+    if not isinstance(output, str) or output not in {m.value for m in OutputMode}:
         raise InvalidRequest("'output' must be 'append_row' or 'summary_only'.",
                              param="output")
     return JobOptions(
@@ -117,9 +124,11 @@ def _int(raw: Mapping[str, Any], key: str, parent: str | None, *, minimum: int,
     value = raw.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidRequest(f"'{_field(parent, key)}' must be a whole number >= {minimum}.",
-                             param=_field(parent, key))
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON does not tell 2.0 from 2
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _MAX_INT:
+        raise InvalidRequest(f"'{_field(parent, key)}' must be a whole number from {minimum} "
+                             f"to {_MAX_INT}.", param=_field(parent, key))
     return value
 
 
@@ -147,7 +156,8 @@ def _optional_str(raw: Mapping[str, Any], key: str) -> str | None:
 
 
 def _strings(raw: Mapping[str, Any], key: str, parent: str) -> tuple[str, ...]:
-    value = raw.get(key) or []
+    value = raw.get(key)
+    value = [] if value is None else value  # 0, "" or {} are no lists
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise InvalidRequest(f"'{parent}.{key}' must be a list of non-empty strings.",
                              param=f"{parent}.{key}")

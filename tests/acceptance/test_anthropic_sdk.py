@@ -189,6 +189,11 @@ def test_bad_requests_are_refused_at_create(client: anthropic.Anthropic) -> None
     assert "custom_id" in str(info.value)
     with pytest.raises(anthropic.BadRequestError):
         client.messages.batches.create(requests=[request("x" * 65)])
+    for bad in ("ends-in-newline\n", "has space", "dot.ted", "ünï"):
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            client.messages.batches.create(requests=[request(bad)])
+        assert refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+        assert "requests.0.custom_id" in str(refused.value)
     with pytest.raises(anthropic.BadRequestError):
         client.messages.batches.create(requests=[])
 
@@ -197,7 +202,7 @@ def test_both_auth_styles_and_isolation(tmp_path: Path) -> None:
     from batchery.auth import add_key
 
     keys = tmp_path / "keys.yaml"
-    key_a, key_b = add_key(keys, "a"), add_key(keys, "b")
+    key_a, key_b = add_key(keys, "a")[1], add_key(keys, "b")[1]
     server = start_server(tmp_path, "--keys-file", str(keys), "--workers", "1")
     try:
         url = f"{server.base_url}/v1/messages/batches"

@@ -310,7 +310,7 @@ def test_endpoints_are_managed_over_rest_and_usable_as_models(jobs: Jobs,
     assert job["deployment"] == "two"
     assert jobs.wait(job["id"])["status"] == "succeeded"
     assert jobs.results(job["id"])[0]["prediction"] == {"v": 2}
-    assert jobs.http.delete("/endpoints/nums").status_code == 409  # from the config file
+    assert jobs.http.delete("/endpoints/nums").status_code == 403  # from the config file
     for method, path, body, status in [
         ("POST", "/endpoints", {"name": "x"}, 400),
         ("POST", "/endpoints", {"name": "x", "deployments": [{"name": "a", "backend": "python",

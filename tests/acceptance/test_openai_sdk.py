@@ -225,6 +225,12 @@ def test_create_time_errors(client: OpenAI) -> None:
         client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                               completion_window="24h", metadata={"tags": ["a"]})  # type: ignore[dict-item]
     assert info.value.code == "invalid_type" and info.value.param == "metadata.tags"
+    notes = client.files.create(file=chat_file(1), purpose="user_data")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.batches.create(input_file_id=notes.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    assert info.value.param == "input_file_id"
+    assert "purpose 'user_data'" in str(info.value) and "purpose 'batch'" in str(info.value)
 
 
 def test_cancel_keeps_partial_results(client: OpenAI) -> None:
@@ -330,7 +336,7 @@ def test_auth_and_project_isolation(tmp_path: Path) -> None:
     from batchery.auth import add_key
 
     keys = tmp_path / "keys.yaml"
-    key_a, key_b = add_key(keys, "team-a"), add_key(keys, "team-b")
+    key_a, key_b = add_key(keys, "team-a")[1], add_key(keys, "team-b")[1]
     assert key_a not in keys.read_text()  # stored hashed
     server = start_server(tmp_path, "--keys-file", str(keys), "--workers", "1")
     try:

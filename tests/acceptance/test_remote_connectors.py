@@ -46,7 +46,7 @@ deployments:
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server, str]]:
     tmp = tmp_path_factory.mktemp("remote")
     keys = tmp / "keys.yaml"
-    key = add_key(keys, "provider-side")
+    _, key = add_key(keys, "provider-side")
     (tmp / "provider.yaml").write_text(PROVIDER_CONFIG)
     provider = start_server(tmp, "--keys-file", str(keys), "--config", str(tmp / "provider.yaml"),
                             "--workers", "2", "--chunk-size", "10", name="provider")
@@ -152,9 +152,9 @@ def test_openai_cancel_is_forwarded(servers: tuple[Server, Server, str],
 def test_anthropic_batch_is_run_by_the_provider(servers: tuple[Server, Server, str],
                                                 recorder: Recorder) -> None:
     ours, _provider, key = servers
-    # anthropic 2.x is built on httpx2, a fork of httpx with the same client API.
-    http_module: Any = pytest.importorskip("httpx2")
-    http = http_module.Client(event_hooks={"response": [recorder.hook]})
+    # The SDK's own client class, whichever HTTP library it is built on (httpx2 for
+    # anthropic 2.x, httpx before): importing one by name skipped this test when absent.
+    http = anthropic.DefaultHttpxClient(event_hooks={"response": [recorder.hook]})
     with anthropic.Anthropic(base_url=ours.base_url, api_key="k", http_client=http,
                              max_retries=0) as client:
         batch = client.messages.batches.create(requests=[

@@ -205,6 +205,18 @@ def test_enqueue_failures_count_until_permanent(store: SqlStore) -> None:
     assert "flaky again" in (failed.error or "")
 
 
+def test_another_projects_job_id_pages_like_an_unknown_id(store: SqlStore) -> None:
+    mine = [make_job(store) for _ in range(2)]
+    theirs = make_job(store, project="q")
+    mine.append(make_job(store))
+    pages = [store.list_jobs("p", endpoint=None, status=None, after=cursor, limit=10)
+             for cursor in (theirs.id, "job_garbage")]
+    assert pages[0] == pages[1]
+    # A cursor of the project's own still pages.
+    older = store.list_jobs("p", endpoint=None, status=None, after=mine[2].id, limit=10)
+    assert [j.id for j in older.items] == [mine[1].id, mine[0].id]
+
+
 def test_logs_workers_and_listing(store: SqlStore) -> None:
     jobs = [make_job(store) for _ in range(3)]
     store.append_logs([NewLogLine(job_id=jobs[0].id, ts=1.0 + i, level="INFO", source="w",

@@ -297,6 +297,44 @@ def test_list_batches_newest_first_with_paging_and_isolation(store: Store) -> No
     assert store.list_batches("proj-none", after=None, limit=10).items == []
 
 
+def test_another_projects_id_pages_like_an_unknown_id(store: Store) -> None:
+    """A cursor from another project must not reveal that the id exists."""
+    mine_f = [make_file() for _ in range(3)]
+    mine_b = [make_batch() for _ in range(3)]
+    for record, batch in zip(mine_f, mine_b, strict=True):
+        store.insert_file(record)
+        store.insert_batch(batch)
+    theirs_f, theirs_b = make_file(OTHER), make_batch(OTHER)
+    store.insert_file(theirs_f)
+    store.insert_batch(theirs_b)
+    # Older and newer ones of mine around theirs: a resolved cursor would find them.
+    store.insert_file(make_file())
+    store.insert_batch(make_batch())
+
+    for order in ("asc", "desc"):
+        pages = [store.list_files(PROJECT, purpose=None, after=cursor, limit=10, order=order)
+                 for cursor in (theirs_f.id, "file-garbage")]
+        assert pages[0] == pages[1]
+    for key in ("after", "before"):
+        got = [store.list_batches(PROJECT, limit=10, **{"after": None, key: cursor})
+               for cursor in (theirs_b.id, "batch_garbage")]
+        assert got[0] == got[1]
+
+
+def test_file_bytes_counts_a_projects_live_files(store: Store) -> None:
+    store.insert_file(make_file(expires_at=None))
+    store.insert_file(make_file(expires_at=NOW + 1))
+    store.insert_file(make_file(expires_at=NOW))  # expired by NOW
+    store.insert_file(make_file(OTHER))
+    deleted = make_file()
+    store.insert_file(deleted)
+    store.delete_file(PROJECT, deleted.id)
+
+    assert store.file_bytes(PROJECT, now=NOW) == 2 * 1234
+    assert store.file_bytes(OTHER, now=NOW) == 1234
+    assert store.file_bytes("proj-none", now=NOW) == 0
+
+
 def test_delete_batch_only_once_ended(store: Store) -> None:
     running = make_batch(status=BatchStatus.IN_PROGRESS)
     ended = make_batch(status=BatchStatus.COMPLETED)

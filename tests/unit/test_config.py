@@ -44,7 +44,7 @@ def test_openai_backend_needs_its_key_env(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_keys_are_hashed_and_map_to_projects(tmp_path: Path) -> None:
     keys = tmp_path / "keys.yaml"
-    a = auth.add_key(keys, "team-a")
+    _, a = auth.add_key(keys, "team-a")
     ring = auth.KeyRing.load(keys)
     assert ring.project_for(a) == "team-a"
     assert a not in keys.read_text() and auth.hash_key(a) in keys.read_text()

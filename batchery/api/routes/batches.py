@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from batchery.api import wire
 from batchery.api.bodies import json_body
 from batchery.api.deps import Project, Service
+from batchery.api.responses import ok
+from batchery.batches import SUPPORTED_ENDPOINTS
 from batchery.exceptions import InvalidRequest
+from batchery.files import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S
+from batchery.service import MAX_METADATA_PAIRS
 
 router = APIRouter()
+#: `completion_window`: a whole number and a unit, up to 30 days (`batches.window_seconds`).
+_WINDOW = ("^(([1-9][0-9]{0,5}|1[0-9]{6}|2[0-4][0-9]{5}|25[0-8][0-9]{4}|259[01][0-9]{3}"
+           "|2592000)s|([1-9][0-9]{0,3}|[1-3][0-9]{4}|4[0-2][0-9]{3}|43[01][0-9]{2}|43200)m"
+           "|([1-9][0-9]?|[1-6][0-9]{2}|7[01][0-9]|720)h|([1-9]|[12][0-9]|30)d)$")
+#: The create body, for the OpenAPI schema (the route reads the body itself).
+_CREATE_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["input_file_id", "endpoint"],
+    "properties": {
+        "input_file_id": {"type": "string",
+                          "description": "A file uploaded with purpose 'batch'."},
+        "endpoint": {"type": "string", "enum": list(SUPPORTED_ENDPOINTS)},
+        "completion_window": {"type": "string", "pattern": _WINDOW, "default": "24h"},
+        "metadata": {"type": ["object", "null"], "maxProperties": MAX_METADATA_PAIRS,
+                     "propertyNames": {"maxLength": 64},
+                     "additionalProperties": {"type": "string", "maxLength": 512}},
+        "output_expires_after": {
+            "type": ["object", "null"], "required": ["anchor", "seconds"],
+            "properties": {"anchor": {"const": "created_at"},
+                           "seconds": {"type": "integer", "minimum": MIN_EXPIRES_AFTER_S,
+                                       "maximum": MAX_EXPIRES_AFTER_S}}}}}}}}
 
 
 def _required_str(body: dict[str, Any], name: str) -> str:
@@ -26,7 +50,8 @@ def _required_str(body: dict[str, Any], name: str) -> str:
     return value
 
 
-@router.post("/batches")
+@router.post("/batches", responses=ok(wire.BatchObject, "The batch, validating."),
+             openapi_extra={"requestBody": _CREATE_BODY})
 async def create_batch(request: Request, project: Project, service: Service) -> Any:
     body = await json_body(request)
     window = body.get("completion_window", "24h")
@@ -36,23 +61,25 @@ async def create_batch(request: Request, project: Project, service: Service) -> 
     batch = await run_in_threadpool(
         service.create_batch, project, input_file_id=_required_str(body, "input_file_id"),
         endpoint=_required_str(body, "endpoint"), completion_window=window,
-        metadata=body.get("metadata"))
+        metadata=body.get("metadata"), output_expires_after=body.get("output_expires_after"))
     return wire.batch_object(batch)
 
 
-@router.get("/batches")
+@router.get("/batches", responses=ok(wire.BatchList, "The project's batches, newest first."))
 def list_batches(project: Project, service: Service, after: str | None = None,
-                 limit: int = 20) -> Any:
+                 limit: Annotated[int, Query(json_schema_extra={"minimum": 1,
+                                                                "maximum": 100})] = 20) -> Any:
     return wire.page_object(service.list_batches(project, after=after, limit=limit),
                             wire.batch_object)
 
 
-@router.get("/batches/{batch_id}")
+@router.get("/batches/{batch_id}", responses=ok(wire.BatchObject, "The batch."))
 def retrieve_batch(batch_id: str, project: Project, service: Service) -> Any:
     return wire.batch_object(service.get_batch(project, batch_id))
 
 
-@router.post("/batches/{batch_id}/cancel")
+@router.post("/batches/{batch_id}/cancel",
+             responses=ok(wire.BatchObject, "The batch, cancelling or already ended."))
 def cancel_batch(batch_id: str, project: Project, service: Service) -> Any:
     # The SDK sends an empty body with a JSON content type: the body is never read.
     return wire.batch_object(service.cancel_batch(project, batch_id))

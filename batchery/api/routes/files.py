@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.responses import StreamingResponse
 
 from batchery.api import wire
 from batchery.api.deps import Project, Service
-from batchery.exceptions import InvalidRequest
+from batchery.api.responses import ok, stream
+from batchery.exceptions import InvalidRequest, TooLarge
+from batchery.files import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S, UPLOAD_PURPOSES
 
 router = APIRouter()
 _BLOCK = 1 << 20
+#: The upload form, for the OpenAPI schema (the route parses the form itself).
+_UPLOAD_FORM = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "purpose": {"type": "string", "enum": sorted(UPLOAD_PURPOSES)},
+        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+        "expires_after[seconds]": {"type": "integer", "minimum": MIN_EXPIRES_AFTER_S,
+                                   "maximum": MAX_EXPIRES_AFTER_S}}}}}}
 
 
 def _field(form: Any, name: str) -> str | None:
@@ -27,12 +38,16 @@ def _field(form: Any, name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-@router.post("/files")
+@router.post("/files", responses=ok(wire.FileObject, "The stored file."),
+             openapi_extra={"requestBody": _UPLOAD_FORM})
 async def create_file(request: Request, project: Project, service: Service) -> Any:
     try:
         form = await request.form(max_part_size=1 << 20)
+    except TooLarge:
+        raise
     except Exception as exc:
         raise InvalidRequest(f"Could not parse the multipart body: {exc}") from exc
+    limits = request.app.state.runtime.policy.limits
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
@@ -45,7 +60,9 @@ async def create_file(request: Request, project: Project, service: Service) -> A
         seconds = _expires_after(form)
         record = await run_in_threadpool(service.upload, project, upload.file,
                                          filename=upload.filename or "upload",
-                                         purpose=purpose, expires_after_s=seconds)
+                                         purpose=purpose, expires_after_s=seconds,
+                                         max_bytes=limits.max_upload_bytes,
+                                         quota_bytes=limits.project_quota_bytes)
     finally:
         await form.close()
     return wire.file_object(record)
@@ -66,19 +83,24 @@ def _expires_after(form: Any) -> int | None:
                              param="expires_after.seconds", code="invalid_type") from None
 
 
-@router.get("/files")
+@router.get("/files", responses=ok(wire.FileList, "The project's files, a page of them."))
 def list_files(project: Project, service: Service, after: str | None = None,
-               limit: int = 10_000, order: str = "desc", purpose: str | None = None) -> Any:
+               limit: Annotated[int, Query(json_schema_extra={"minimum": 1,
+                                                              "maximum": 10_000})] = 10_000,
+               order: Annotated[str, Query(json_schema_extra={"enum": ["asc", "desc"]})]
+               = "desc", purpose: str | None = None) -> Any:
     page = service.list_files(project, purpose=purpose, after=after, limit=limit, order=order)
     return wire.page_object(page, wire.file_object)
 
 
-@router.get("/files/{file_id}")
+@router.get("/files/{file_id}", responses=ok(wire.FileObject, "The file."))
 def retrieve_file(file_id: str, project: Project, service: Service) -> Any:
     return wire.file_object(service.get_file(project, file_id))
 
 
-@router.get("/files/{file_id}/content")
+@router.get("/files/{file_id}/content", response_class=StreamingResponse,
+            responses=stream("application/octet-stream", "The file's bytes.",
+                             {"type": "string", "format": "binary"}))
 def file_content(file_id: str, project: Project, service: Service) -> StreamingResponse:
     record, stream = service.open_content(project, file_id)
     # The filename is the uploader's: percent-encode it so it cannot break the header.
@@ -94,7 +116,7 @@ def _blocks(stream: IO[bytes]) -> Iterator[bytes]:
             yield block
 
 
-@router.delete("/files/{file_id}")
+@router.delete("/files/{file_id}", responses=ok(wire.FileDeleted, "The file is deleted."))
 def delete_file(file_id: str, project: Project, service: Service) -> Any:
     record = service.delete_file(project, file_id)
     return {"id": record.id, "object": "file", "deleted": True}

@@ -10,11 +10,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.responses import StreamingResponse
 
+from batchery.api import bodies
+from batchery.api import responses as docs
 from batchery.api.bodies import json_body
-from batchery.api.deps import Project
+from batchery.api.deps import Caller, Project
 from batchery.api.job_wire import job_json
 from batchery.deployments import Deployment, Endpoint
-from batchery.jobs.model import JobBatch, JobStage, JobWorker, LogLine
+from batchery.jobs.model import JobBatch, JobStage, JobStatus, JobWorker, LogLine
 from batchery.jobs.service import DryRun, JobService
 
 router = APIRouter()
@@ -40,58 +42,72 @@ def _deployment_json(d: Deployment, default: str) -> dict[str, Any]:
 def _endpoint_json(endpoint: Endpoint, members: list[Deployment]) -> dict[str, Any]:
     return {"name": endpoint.name, "object": "endpoint",
             "default_deployment": endpoint.default_deployment, "source": endpoint.source,
+            "project": endpoint.project,
             "deployments": [_deployment_json(d, endpoint.default_deployment)
                             for d in members]}
 
 
-@router.get("/endpoints")
-def list_endpoints(_: Project, jobs: Jobs) -> Any:
+@router.get("/endpoints", responses=docs.ok(docs.EndpointList, "The endpoints the caller may "
+                                                                "use."))
+def list_endpoints(caller: Caller, jobs: Jobs) -> Any:
     return {"object": "list",
-            "data": [_endpoint_json(e, m) for e, m in jobs.list_endpoints()]}
+            "data": [_endpoint_json(e, m) for e, m in jobs.list_endpoints(caller)]}
 
 
-@router.post("/endpoints")
-async def create_endpoint(request: Request, _: Project, jobs: Jobs) -> Any:
+@router.post("/endpoints", responses=docs.ok(docs.EndpointInfo, "The new endpoint."),
+             openapi_extra=bodies.NEW_ENDPOINT)
+async def create_endpoint(request: Request, caller: Caller, jobs: Jobs) -> Any:
+    caller.require_admin("create endpoints")  # before the body is read
     body = await json_body(request)
-    return _endpoint_json(*await run_in_threadpool(jobs.create_endpoint, body))
+    return _endpoint_json(*await run_in_threadpool(jobs.create_endpoint, caller, body))
 
 
-@router.get("/endpoints/{name}")
-def get_endpoint(name: str, _: Project, jobs: Jobs) -> Any:
-    return _endpoint_json(*jobs.get_endpoint(name))
+@router.get("/endpoints/{name}", responses=docs.ok(docs.EndpointInfo, "The endpoint."))
+def get_endpoint(name: str, caller: Caller, jobs: Jobs) -> Any:
+    return _endpoint_json(*jobs.get_endpoint(caller, name))
 
 
-@router.patch("/endpoints/{name}")
-async def update_endpoint(name: str, request: Request, _: Project, jobs: Jobs) -> Any:
+@router.patch("/endpoints/{name}", responses=docs.ok(docs.EndpointInfo, "The endpoint."),
+              openapi_extra=bodies.ENDPOINT_CHANGE)
+async def update_endpoint(name: str, request: Request, caller: Caller, jobs: Jobs) -> Any:
     body = await json_body(request)
-    await run_in_threadpool(jobs.set_default_deployment, name, body.get("default_deployment"))
-    return _endpoint_json(*jobs.get_endpoint(name))
+    await run_in_threadpool(jobs.set_default_deployment, caller, name,
+                            body.get("default_deployment"))
+    return _endpoint_json(*jobs.get_endpoint(caller, name))
 
 
-@router.delete("/endpoints/{name}")
-def delete_endpoint(name: str, _: Project, jobs: Jobs) -> Any:
-    jobs.delete_endpoint(name)
+@router.delete("/endpoints/{name}",
+               responses=docs.ok(docs.EndpointDeleted, "The endpoint is deleted."))
+def delete_endpoint(name: str, caller: Caller, jobs: Jobs) -> Any:
+    jobs.delete_endpoint(caller, name)
     return {"name": name, "object": "endpoint.deleted", "deleted": True}
 
 
-@router.get("/endpoints/{name}/deployments")
-def list_deployments(name: str, _: Project, jobs: Jobs) -> Any:
-    endpoint, members = jobs.get_endpoint(name)
+@router.get("/endpoints/{name}/deployments",
+            responses=docs.ok(docs.DeploymentList, "The endpoint's deployments."))
+def list_deployments(name: str, caller: Caller, jobs: Jobs) -> Any:
+    endpoint, members = jobs.get_endpoint(caller, name)
     return {"object": "list",
             "data": [_deployment_json(d, endpoint.default_deployment) for d in members]}
 
 
-@router.post("/endpoints/{name}/deployments")
-async def add_deployment(name: str, request: Request, _: Project, jobs: Jobs) -> Any:
+@router.post("/endpoints/{name}/deployments",
+             responses=docs.ok(docs.EndpointInfo, "The endpoint, with the new deployment."),
+             openapi_extra=bodies.NEW_DEPLOYMENT)
+async def add_deployment(name: str, request: Request, caller: Caller, jobs: Jobs) -> Any:
     body = await json_body(request)
-    await run_in_threadpool(jobs.add_deployment, name, body)
-    endpoint, members = jobs.get_endpoint(name)
+    await run_in_threadpool(jobs.add_deployment, caller, name, body)
+    endpoint, members = jobs.get_endpoint(caller, name)
     return _endpoint_json(endpoint, members)
 
 
 # -- jobs ------------------------------------------------------------------------------
 
-@router.post("/endpoints/{name}/jobs")
+@router.post("/endpoints/{name}/jobs",
+             responses={200: {"model": docs.JobInfo | docs.JobDryRun,
+                              "description": "The job; or, for a dry run, what it would "
+                                             "read."}},
+             openapi_extra=bodies.JOB_SUBMISSION)
 async def submit_job(name: str, request: Request, project: Project, jobs: Jobs,
                      dry_run: bool = False) -> Any:
     body = await json_body(request)
@@ -105,10 +121,13 @@ async def submit_job(name: str, request: Request, project: Project, jobs: Jobs,
     return job_json(view.job, view)
 
 
-@router.get("/jobs")
+@router.get("/jobs", responses=docs.ok(docs.JobList, "The project's jobs, newest first."))
 def list_jobs(project: Project, jobs: Jobs, endpoint: str | None = None,
-              status: str | None = None, after: str | None = None,
-              limit: Annotated[int, Query()] = 20) -> Any:
+              status: Annotated[str | None, Query(json_schema_extra={
+                  "enum": [*(s.value for s in JobStatus), "", None]})] = None,
+              after: str | None = None,
+              limit: Annotated[int, Query(json_schema_extra={"minimum": 1,
+                                                             "maximum": 100})] = 20) -> Any:
     page = jobs.list_jobs(project, endpoint=endpoint, status=status, after=after, limit=limit)
     data = [job_json(job) for job in page.items]  # `get` adds the queue and worker states
     return {"object": "list", "data": data, "has_more": page.has_more,
@@ -116,13 +135,13 @@ def list_jobs(project: Project, jobs: Jobs, endpoint: str | None = None,
             "last_id": data[-1]["id"] if data else None}
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", responses=docs.ok(docs.JobInfo, "The job."))
 def get_job(job_id: str, project: Project, jobs: Jobs) -> Any:
     view = jobs.view(project, job_id)
     return job_json(view.job, view)
 
 
-@router.delete("/jobs/{job_id}")
+@router.delete("/jobs/{job_id}", responses=docs.ok(docs.JobInfo, "The job, stopped."))
 def stop_job(job_id: str, project: Project, jobs: Jobs) -> Any:
     jobs.stop(project, job_id)
     view = jobs.view(project, job_id)
@@ -135,7 +154,8 @@ def _worker_json(w: JobWorker) -> dict[str, Any]:
             "started_at": w.started_at, "last_heartbeat": w.last_heartbeat}
 
 
-@router.get("/jobs/{job_id}/workers")
+@router.get("/jobs/{job_id}/workers",
+            responses=docs.ok(docs.JobWorkerList, "The workers that ran the job's batches."))
 def job_workers(job_id: str, project: Project, jobs: Jobs) -> Any:
     return {"object": "list", "data": [_worker_json(w) for w in jobs.workers(project, job_id)]}
 
@@ -146,13 +166,15 @@ def _dead_letter_json(b: JobBatch) -> dict[str, Any]:
             "attempts": b.attempts, "error": b.last_error}
 
 
-@router.get("/jobs/{job_id}/failed_batches")
+@router.get("/jobs/{job_id}/failed_batches",
+            responses=docs.ok(docs.FailedBatchList, "The job's dead-lettered batches."))
 def failed_batches(job_id: str, project: Project, jobs: Jobs) -> Any:
     return {"object": "list",
             "data": [_dead_letter_json(b) for b in jobs.failed_batches(project, job_id)]}
 
 
-@router.get("/jobs/{job_id}/results")
+@router.get("/jobs/{job_id}/results", response_class=StreamingResponse,
+            responses=docs.stream("application/x-ndjson", "One result a line."))
 def results(job_id: str, project: Project, jobs: Jobs) -> Any:
     stream = jobs.results(project, job_id)
     return StreamingResponse(iterate_in_threadpool(stream),
@@ -161,7 +183,8 @@ def results(job_id: str, project: Project, jobs: Jobs) -> Any:
                                       f'attachment; filename="{job_id}-results.jsonl"'})
 
 
-@router.get("/jobs/{job_id}/logs")
+@router.get("/jobs/{job_id}/logs", response_class=StreamingResponse,
+            responses=docs.stream("text/plain", "The job's log, a line an entry."))
 def logs(job_id: str, project: Project, jobs: Jobs, follow: bool = False,
          after: int = 0) -> Any:
     jobs.get(project, job_id)  # 404 before the stream starts

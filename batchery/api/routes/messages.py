@@ -6,17 +6,33 @@ from collections.abc import Iterator
 from typing import IO, Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from batchery.api import anthropic_wire as wire
 from batchery.api.deps import Project
+from batchery.api.responses import ok, stream
 from batchery.exceptions import InvalidRequest
 from batchery.message_batches import MessageBatchService
 
 router = APIRouter()
 _BLOCK = 1 << 20
+#: The create body, for the OpenAPI schema (the route reads the body itself). The params are
+#: checked for `model` and `stream` here; the rest when the batch runs, request by request.
+_CREATE_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["requests"],
+    "properties": {"requests": {
+        "type": "array", "minItems": 1,
+        "description": "At most 100,000 requests (or the server's --max-tasks), each with a "
+                       "custom_id of its own.",
+        "items": {"type": "object", "required": ["custom_id", "params"], "properties": {
+            "custom_id": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
+            "params": {"type": "object", "required": ["model"], "properties": {
+                "model": {"type": "string"},
+                "stream": {"enum": [False, None],
+                           "description": "Batches do not stream."}}}}}}}}}}}
+_ANSWER = "The message batch."
 
 
 def _service(request: Request) -> MessageBatchService:
@@ -27,7 +43,8 @@ def _service(request: Request) -> MessageBatchService:
 Service = Annotated[MessageBatchService, Depends(_service)]
 
 
-@router.post("/messages/batches")
+@router.post("/messages/batches", responses=ok(wire.MessageBatch, _ANSWER),
+             openapi_extra={"requestBody": _CREATE_BODY})
 async def create(request: Request, project: Project, service: Service) -> Any:
     try:
         body = orjson.loads(await request.body())
@@ -39,31 +56,36 @@ async def create(request: Request, project: Project, service: Service) -> Any:
     return wire.message_batch(batch, str(request.base_url))
 
 
-@router.get("/messages/batches")
+@router.get("/messages/batches",
+            responses=ok(wire.MessageBatchList, "The project's message batches, newest first."))
 def list_batches(request: Request, project: Project, service: Service,
                  after_id: str | None = None, before_id: str | None = None,
-                 limit: int = 20) -> Any:
+                 limit: Annotated[int, Query(json_schema_extra={"minimum": 1,
+                                                                "maximum": 1000})] = 20) -> Any:
     items = service.list(project, after_id=after_id, before_id=before_id, limit=limit)
     return wire.page(items, str(request.base_url))
 
 
-@router.get("/messages/batches/{batch_id}")
+@router.get("/messages/batches/{batch_id}", responses=ok(wire.MessageBatch, _ANSWER))
 def retrieve(batch_id: str, request: Request, project: Project, service: Service) -> Any:
     return wire.message_batch(service.get(project, batch_id), str(request.base_url))
 
 
-@router.post("/messages/batches/{batch_id}/cancel")
+@router.post("/messages/batches/{batch_id}/cancel", responses=ok(wire.MessageBatch, _ANSWER))
 def cancel(batch_id: str, request: Request, project: Project, service: Service) -> Any:
     return wire.message_batch(service.cancel(project, batch_id), str(request.base_url))
 
 
-@router.delete("/messages/batches/{batch_id}")
+@router.delete("/messages/batches/{batch_id}",
+              responses=ok(wire.MessageBatchDeleted, "The message batch is deleted."))
 def delete(batch_id: str, project: Project, service: Service) -> Any:
     service.delete(project, batch_id)
     return {"id": batch_id, "type": "message_batch_deleted"}
 
 
-@router.get("/messages/batches/{batch_id}/results")
+@router.get("/messages/batches/{batch_id}/results", response_class=StreamingResponse,
+            responses=stream("application/x-jsonl", "One result a line, once the batch has "
+                                                     "ended."))
 def results(batch_id: str, project: Project, service: Service) -> StreamingResponse:
     size, stream = service.open_results(project, batch_id)
     return StreamingResponse(_blocks(stream), media_type="application/x-jsonl",

@@ -65,8 +65,8 @@ class SqlJobStore(JobStore):
     def create_endpoint(self, endpoint: Endpoint, members: Sequence[Deployment]) -> None:
         with self.engine.begin() as conn:
             if _name_taken(conn, endpoint.name):
-                raise Conflict(f"The name '{endpoint.name}' is already taken.")
-            conn.execute(endpoints.insert().values(**_endpoint_row(endpoint)))
+                raise Conflict(f"The name '{endpoint.name}' is not available.")
+            conn.execute(endpoints.insert().values(**endpoint_row(endpoint)))
             for member in members:
                 self._insert_deployment(conn, member)
 
@@ -80,11 +80,9 @@ class SqlJobStore(JobStore):
 
     def _insert_deployment(self, conn: Connection, deployment: Deployment) -> None:
         if _name_taken(conn, deployment.name):
-            raise Conflict(f"The deployment '{deployment.short_name}' already exists.")
-        conn.execute(deployments.insert().values(
-            name=deployment.name, backend=deployment.backend, options=deployment.options,
-            endpoint=deployment.endpoint, source=deployment.source,
-            workers=deployment.workers.to_dict() if deployment.workers else None))
+            # Names are one namespace per server: whose it is stays unsaid.
+            raise Conflict(f"The name '{deployment.short_name}' is not available.")
+        conn.execute(deployments.insert().values(**deployment_row(deployment)))
 
     def set_default_deployment(self, endpoint: str, deployment: str) -> Endpoint:
         with self.engine.begin() as conn:
@@ -135,7 +133,9 @@ class SqlJobStore(JobStore):
         if status is not None:
             query = query.where(jobs.c.status == status.value)
         if after:
-            anchor = sa.select(jobs.c.seq).where(jobs.c.id == after).scalar_subquery()
+            # Scoped by project: another project's job id pages like an unknown id.
+            anchor = sa.select(jobs.c.seq).where(jobs.c.id == after,
+                                                 jobs.c.project == project).scalar_subquery()
             query = query.where(jobs.c.seq < anchor)
         with self.engine.begin() as conn:
             rows = list(conn.execute(query.order_by(jobs.c.seq.desc()).limit(limit + 1))
@@ -307,25 +307,9 @@ class SqlJobStore(JobStore):
 
     def claim_batch(self, owner: str, lease_s: float,
                     deployments: Collection[str] | None) -> BatchLease | None:
-        other = job_batches.alias("other")
-        in_flight = (sa.select(sa.func.count()).select_from(other)
-                     .where(other.c.job_id == jobs.c.id,
-                            other.c.state == BatchState.LEASED.value)
-                     .correlate(jobs).scalar_subquery())
-        workers = jobs.c.options["workers"].as_integer()
-        candidate = (sa.select(job_batches.c.id)
-                     .join(jobs, jobs.c.id == job_batches.c.job_id)
-                     .where(job_batches.c.state == BatchState.QUEUED.value,
-                            jobs.c.stage.in_(_ACTIVE_STAGES),
-                            _of_deployments(deployments),
-                            sa.or_(job_batches.c.not_before.is_(None),
-                                   job_batches.c.not_before <= self._now),
-                            sa.or_(workers.is_(None), in_flight < workers))
-                     .order_by(job_batches.c.id).limit(1)
-                     .with_for_update(skip_locked=True, of=job_batches))
         token = ids.lease_token()
         with self.engine.begin() as conn:
-            batch_id = conn.execute(candidate).scalar()
+            batch_id = self._pick_batch(conn, deployments)
             if batch_id is None:
                 return None
             conn.execute(job_batches.update().where(job_batches.c.id == batch_id).values(
@@ -337,6 +321,61 @@ class SqlJobStore(JobStore):
         assert job is not None
         return BatchLease(id=batch_id, job=job, spec=_spec(row), token=token,
                           attempts=row["attempts"])
+
+    def _pick_batch(self, conn: Connection, deployments: Collection[str] | None) -> int | None:
+        """The oldest queued batch this claim may lease, locked; None if there is none.
+
+        The count of a job's leased batches in the candidate query is taken from the
+        statement's snapshot: on PostgreSQL, concurrent claims lock different batches of
+        the same job and each counts the others' leases as not there yet, so together they
+        would exceed the job's `workers`. For a job with a limit the claim therefore also
+        locks the job's row and counts again once it holds it. It takes that lock with SKIP
+        LOCKED, like the batch row, so a claim never waits for a row while holding one (no
+        deadlock with `_end`, which locks the job before its batches); a job whose row is
+        busy is passed over for this claim. Jobs without a limit never touch the job row.
+        On SQLite transactions start with BEGIN IMMEDIATE, one writer at a time, so the
+        first count already holds there."""
+        other = job_batches.alias("other")
+        in_flight = (sa.select(sa.func.count()).select_from(other)
+                     .where(other.c.job_id == jobs.c.id,
+                            other.c.state == BatchState.LEASED.value)
+                     .correlate(jobs).scalar_subquery())
+        workers = jobs.c.options["workers"].as_integer()
+        candidate = (sa.select(job_batches.c.id, job_batches.c.job_id, workers.label("workers"))
+                     .join(jobs, jobs.c.id == job_batches.c.job_id)
+                     .where(job_batches.c.state == BatchState.QUEUED.value,
+                            jobs.c.stage.in_(_ACTIVE_STAGES),
+                            _of_deployments(deployments),
+                            sa.or_(job_batches.c.not_before.is_(None),
+                                   job_batches.c.not_before <= self._now),
+                            sa.or_(workers.is_(None), in_flight < workers))
+                     .order_by(job_batches.c.id).limit(1)
+                     .with_for_update(skip_locked=True, of=job_batches))
+        passed_over: list[str] = []
+        while True:
+            query = (candidate.where(job_batches.c.job_id.not_in(passed_over))
+                     if passed_over else candidate)
+            found = conn.execute(query).first()
+            if found is None:
+                return None
+            if found.workers is None or self._below_limit(conn, found.job_id, found.workers):
+                return int(found.id)
+            passed_over.append(found.job_id)
+
+    @staticmethod
+    def _below_limit(conn: Connection, job_id: str, workers: int) -> bool:
+        """Whether the job may have one more batch leased: locks its row (skipping it when
+        another transaction holds it), then counts its leased batches anew. That count is a new
+        statement after the lock, so it sees every lease committed by whoever held the row
+        before; whoever takes the row next sees ours."""
+        locked = conn.execute(sa.select(jobs.c.seq).where(jobs.c.id == job_id)
+                              .with_for_update(skip_locked=True)).first()
+        if locked is None:
+            return False
+        leased = conn.execute(sa.select(sa.func.count()).select_from(job_batches).where(
+            job_batches.c.job_id == job_id,
+            job_batches.c.state == BatchState.LEASED.value)).scalar_one()
+        return int(leased) < workers
 
     def _job_batch_fence(self, lease: BatchLease) -> sa.ColumnElement[bool]:
         return sa.and_(job_batches.c.id == lease.id, job_batches.c.lease_token == lease.token,
@@ -527,14 +566,26 @@ def _name_taken(conn: Connection, name: str) -> bool:
             is not None)
 
 
-def _endpoint_row(endpoint: Endpoint) -> dict[str, Any]:
+def deployment_row(d: Deployment) -> dict[str, Any]:
+    return {"name": d.name, "backend": d.backend, "options": d.options,
+            "endpoint": d.endpoint, "workers": d.workers.to_dict() if d.workers else None,
+            "source": d.source, "project": d.project,
+            "projects": list(d.projects) if d.projects is not None else None}
+
+
+def endpoint_row(endpoint: Endpoint) -> dict[str, Any]:
     return {"name": endpoint.name, "default_deployment": endpoint.default_deployment,
-            "source": endpoint.source, "created_at": endpoint.created_at or time.time()}
+            "source": endpoint.source, "created_at": endpoint.created_at or time.time(),
+            "project": endpoint.project,
+            "projects": list(endpoint.projects) if endpoint.projects is not None else None}
 
 
 def _endpoint(row: Any) -> Endpoint:
+    allowed = row["projects"]
     return Endpoint(name=row["name"], default_deployment=row["default_deployment"],
-                    source=row["source"], created_at=row["created_at"])
+                    source=row["source"], created_at=row["created_at"],
+                    project=row["project"],
+                    projects=tuple(allowed) if allowed is not None else None)
 
 
 def _job_row(job: Job) -> dict[str, Any]:
@@ -557,7 +608,8 @@ def _job(row: RowMapping) -> Job:
                          items=raw_input.get("items"),
                          paths=tuple(raw_input.get("paths", ())),
                          includes=tuple(raw_input.get("includes", ())),
-                         excludes=tuple(raw_input.get("excludes", ())))
+                         excludes=tuple(raw_input.get("excludes", ())),
+                         file_ids=tuple(raw_input.get("file_ids", ())))
     options = JobOptions(workers=raw["workers"], config=raw["config"],
                          timeout_s=raw["timeout"], batch_timeout_s=raw["batch_timeout"],
                          max_retries=raw["max_retries"], error_threshold=raw["error_threshold"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ from batchery.files import INTERNAL_PURPOSE_PREFIX, FileRecord
 from batchery.store import Page, PhaseLease, Store, WorkerInfo
 from batchery.stores.sql import engine as engines
 from batchery.stores.sql import migrate, tables
-from batchery.stores.sql.job_store import SqlJobStore
+from batchery.stores.sql.job_store import SqlJobStore, deployment_row, endpoint_row
 from batchery.stores.sql.tables import batches, chunks, deployments, endpoints, files, workers
 
 _OPEN_CHUNK_STATES = (ChunkState.QUEUED.value, ChunkState.LEASED.value)
@@ -73,8 +72,15 @@ class SqlStore(SqlJobStore, Store):
             query = query.where(files.c.purpose == purpose)
         else:
             query = query.where(files.c.purpose.not_like(f"{INTERNAL_PURPOSE_PREFIX}%"))
-        rows = self._page(query, files, after, limit, descending=order != "asc")
+        rows = self._page(query, files, project, after, limit, descending=order != "asc")
         return Page([_file(r) for r in rows[:limit]], len(rows) > limit)
+
+    def file_bytes(self, project: str, *, now: int) -> int:
+        query = sa.select(sa.func.coalesce(sa.func.sum(files.c.bytes), 0)).where(
+            files.c.project == project,
+            sa.or_(files.c.expires_at.is_(None), files.c.expires_at > now))
+        with self.engine.begin() as conn:
+            return int(conn.execute(query).scalar_one())
 
     def delete_file(self, project: str, file_id: str) -> FileRecord | None:
         with self.engine.begin() as conn:
@@ -124,16 +130,19 @@ class SqlStore(SqlJobStore, Store):
             query = query.where(batches.c.endpoint != exclude_endpoint)
         if before:
             # The page just newer than `before`: read upwards, then present newest first.
-            rows = self._page(query, batches, before, limit, descending=False)
+            rows = self._page(query, batches, project, before, limit, descending=False)
             return Page([_batch(r) for r in reversed(rows[:limit])], len(rows) > limit)
-        rows = self._page(query, batches, after, limit, descending=True)
+        rows = self._page(query, batches, project, after, limit, descending=True)
         return Page([_batch(r) for r in rows[:limit]], len(rows) > limit)
 
-    def _page(self, query: sa.Select[Any], table: sa.Table, anchor_id: str | None, limit: int,
-              *, descending: bool) -> list[RowMapping]:
+    def _page(self, query: sa.Select[Any], table: sa.Table, project: str,
+              anchor_id: str | None, limit: int, *, descending: bool) -> list[RowMapping]:
         """Up to `limit + 1` rows past `anchor_id` (older if descending, else newer)."""
         if anchor_id:
-            anchor = sa.select(table.c.seq).where(table.c.id == anchor_id).scalar_subquery()
+            # Only the caller's project's ids are anchors: another project's id pages like
+            # an unknown one (an empty page), so it does not tell that the id exists.
+            anchor = sa.select(table.c.seq).where(
+                table.c.id == anchor_id, table.c.project == project).scalar_subquery()
             query = query.where(table.c.seq < anchor if descending else table.c.seq > anchor)
         query = query.order_by(table.c.seq.desc() if descending else table.c.seq.asc())
         with self.engine.begin() as conn:
@@ -394,12 +403,9 @@ class SqlStore(SqlJobStore, Store):
             conn.execute(endpoints.delete().where(sa.or_(
                 endpoints.c.source == CONFIG, endpoints.c.name.in_(names))))
             if items:
-                conn.execute(deployments.insert(), [_deployment_row(d) for d in items])
+                conn.execute(deployments.insert(), [deployment_row(d) for d in items])
             if declared:
-                conn.execute(endpoints.insert(), [
-                    {"name": e.name, "default_deployment": e.default_deployment,
-                     "source": e.source, "created_at": e.created_at or time.time()}
-                    for e in declared])
+                conn.execute(endpoints.insert(), [endpoint_row(e) for e in declared])
 
     def list_deployments(self) -> list[Deployment]:
         with self.engine.begin() as conn:
@@ -438,16 +444,12 @@ class SqlStore(SqlJobStore, Store):
             return [WorkerInfo(**dict(r)) for r in rows]
 
 
-def _deployment_row(d: Deployment) -> dict[str, Any]:
-    return {"name": d.name, "backend": d.backend, "options": d.options,
-            "endpoint": d.endpoint, "workers": d.workers.to_dict() if d.workers else None,
-            "source": d.source}
-
-
 def _deployment(row: RowMapping) -> Deployment:
+    allowed = row["projects"]
     return Deployment(name=row["name"], backend=row["backend"], options=row["options"],
                       endpoint=row["endpoint"], workers=pool_from_dict(row["workers"]),
-                      source=row["source"])
+                      source=row["source"], project=row["project"],
+                      projects=tuple(allowed) if allowed is not None else None)
 
 
 def _file_row(record: FileRecord) -> dict[str, Any]:

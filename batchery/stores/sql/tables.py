@@ -93,6 +93,8 @@ deployments = sa.Table(
     sa.Column("endpoint", sa.String(64), nullable=True),
     sa.Column("workers", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("source", sa.String(16), nullable=False, server_default="config"),
+    sa.Column("project", sa.String(128), nullable=True),
+    sa.Column("projects", sa.JSON(none_as_null=True), nullable=True),
 )
 
 workers = sa.Table(
@@ -115,6 +117,9 @@ endpoints = sa.Table(
     sa.Column("default_deployment", sa.String(64), nullable=False),
     sa.Column("source", sa.String(16), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    #: The owning project of one made over the API; the config file's allow-list.
+    sa.Column("project", sa.String(128), nullable=True),
+    sa.Column("projects", sa.JSON(none_as_null=True), nullable=True),
 )
 
 jobs = sa.Table(

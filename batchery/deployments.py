@@ -16,7 +16,7 @@ import yaml
 
 from batchery.exceptions import ConfigError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")
 
 
 #: Who declared a deployment or endpoint: the config file (replaced at every start) or the

@@ -114,7 +114,7 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 _NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}
 _STRINGS = {"type": ["array", "null"], "items": {"type": "string", "minLength": 1}}
 #: The largest whole number a submission may give.
-_MAX_INT = submission._MAX_INT
+_MAX_INT = submission.MAX_INT
 _BATCH_SIZE = {"type": "integer", "minimum": 1, "maximum": _MAX_INT,
                "description": "Items in a batch."}
 _ITEM_LIST = {"type": "object", "additionalProperties": False,

@@ -22,7 +22,7 @@ _OPTIONS = ("deployment", "workers", "config", "timeout", "batch_timeout", "max_
             "error_threshold", "output", "output_path", "dry_run")
 #: The largest whole number a submission may give (batch sizes, retries, workers): what
 #: the database and JSON encoders hold, far beyond any useful value.
-_MAX_INT = 2**31 - 1
+MAX_INT = 2**31 - 1
 #: Most items an `item_list` may carry inline; larger datasets belong in files.
 MAX_INLINE_ITEMS = 1_000_000
 
@@ -126,9 +126,9 @@ def _int(raw: Mapping[str, Any], key: str, parent: str | None, *, minimum: int,
         return default
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # JSON does not tell 2.0 from 2
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _MAX_INT:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT:
         raise InvalidRequest(f"'{_field(parent, key)}' must be a whole number from {minimum} "
-                             f"to {_MAX_INT}.", param=_field(parent, key))
+                             f"to {MAX_INT}.", param=_field(parent, key))
     return value
 
 

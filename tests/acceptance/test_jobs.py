@@ -217,7 +217,7 @@ def test_summary_only_predictors_write_their_own_output(jobs: Jobs, tmp_path: Pa
     ({"item_list": {"items": [1]}}, "item_list.batch_size", "required"),
     ({"item_list": {"items": [1], "batch_size": 1}, "deployment": "nope"}, "deployment",
      "no deployment named 'nope'"),
-    ({"item_list": {"items": [1], "batch_size": 1}, "workers": 0}, "workers", ">= 1"),
+    ({"item_list": {"items": [1], "batch_size": 1}, "workers": 0}, "workers", "from 1 to"),
     ({"item_list": {"items": [1], "batch_size": 1}, "colour": "red"}, "colour",
      "Unknown field"),
     ({"file_path_lister": {"paths": ["/nonexistent-dir-xyz/"], "batch_size": 1}},

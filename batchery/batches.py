@@ -120,3 +120,6 @@ class Batch:
     #: For a batch handed whole to a provider's batch API: the deployment, the provider's
     #: job object, and the polling state. None for batches Batchery runs itself.
     remote: dict[str, Any] | None = None
+    #: An extra receiver of this batch's end event (extension), signed with the project's
+    #: webhook secret.
+    webhook_url: str | None = None

@@ -162,7 +162,16 @@ def _host_port(url: str, where: str, default_port: int) -> tuple[str, int]:
     return host, port or default_port
 
 
-def _check_host(host: str, port: int, policy: TrustPolicy, where: str) -> None:
+def check_url(url: str, policy: TrustPolicy, where: str, *, who: str) -> None:
+    """The same allow-list for one http(s) URL that is no deployment's (a webhook
+    receiver's); `who` says in a refusal whose URLs may not reach the host."""
+    default_port = _URL_SCHEMES.get(url.split(":", 1)[0].lower(), 443)
+    host, port = _host_port(url, where, default_port)
+    _check_host(host, port, policy, where, who=who)
+
+
+def _check_host(host: str, port: int, policy: TrustPolicy, where: str, *,
+                who: str = "deployments made over the API") -> None:
     exact, wildcard = False, False
     for entry in policy.upstream_hosts:
         found = _entry_matches(entry, host, port)
@@ -173,8 +182,8 @@ def _check_host(host: str, port: int, policy: TrustPolicy, where: str) -> None:
     if exact:
         return
     if not wildcard:
-        raise Forbidden(f"{where}: deployments made over the API may not reach the host "
-                        f"'{host}'. {how}", param=where)
+        raise Forbidden(f"{where}: {who} may not reach the host '{host}'. {how}",
+                        param=where)
     internal = _internal_address(host, port)
     if internal is not None:
         raise Forbidden(f"{where}: the host '{host}' is an address inside the network "

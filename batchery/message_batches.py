@@ -44,7 +44,9 @@ class MessageBatchService:
         self.window_s = window_s
         self.clock = clock
 
-    def create(self, project: str, requests: Any) -> Batch:
+    def create(self, project: str, requests: Any, *, webhook_url: str | None = None) -> Batch:
+        """A new message batch. `webhook_url`, checked by the caller against the operator's
+        allow-list, receives its `message_batch.ended` event."""
         _check_requests(requests, self.max_requests)
         now = int(self.clock())
         file_id = ids.file_id()
@@ -59,7 +61,7 @@ class MessageBatchService:
                       input_file_id=file_id, completion_window="24h",
                       status=BatchStatus.VALIDATING, created_at=now, expires_at=now + self.window_s,
                       total=len(requests), chunk_size=self.chunk_size,
-                      max_tasks=self.max_requests)
+                      max_tasks=self.max_requests, webhook_url=webhook_url)
         self.store.insert_batch(batch)
         return batch
 

@@ -122,7 +122,9 @@ class BatchService:
 
     def create_batch(self, project: str, *, input_file_id: str, endpoint: str,
                      completion_window: str = "24h", metadata: dict[str, Any] | None = None,
-                     output_expires_after: Any = None) -> Batch:
+                     output_expires_after: Any = None, webhook_url: str | None = None) -> Batch:
+        """A new batch. `webhook_url`, checked by the caller against the operator's
+        allow-list, receives the batch's end event besides the project's endpoints."""
         if endpoint not in SUPPORTED_ENDPOINTS:
             raise InvalidRequest(f"Invalid value: '{endpoint}'. Supported values are: "
                                  f"{_quoted_list(SUPPORTED_ENDPOINTS)}.",
@@ -141,7 +143,8 @@ class BatchService:
         batch = Batch(id=ids.batch_id(), project=project, endpoint=endpoint,
                       input_file_id=input_file_id, completion_window=completion_window,
                       status=BatchStatus.VALIDATING, created_at=now, expires_at=now + window,
-                      metadata=metadata, chunk_size=self.chunk_size, max_tasks=self.max_tasks)
+                      metadata=metadata, chunk_size=self.chunk_size, max_tasks=self.max_tasks,
+                      webhook_url=webhook_url)
         self.store.insert_batch(batch)
         return batch
 

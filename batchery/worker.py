@@ -3,7 +3,8 @@
 Each loop it looks for batch-level work first (validation, assembling results), then for a
 chunk. Every piece of work is held under a lease that a heartbeat thread renews; a lease
 lost (to a cancel, an expiry, or a reaper that thought we were dead) stops the work, and
-anything it would have written is fenced out by the store.
+anything it would have written is fenced out by the store. A worker that runs batches also
+sends webhook deliveries from the outbox, in a thread of its own (`batchery.webhooks.delivery`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from batchery.heartbeat import Heartbeat
 from batchery.jobs.runner import JobRunner
 from batchery.retry import RetryPolicy
 from batchery.store import PhaseLease, Store, WorkerInfo
+from batchery.webhooks.delivery import WebhookDelivery
+from batchery.webhooks.ports import WebhookOutbox
 
 log = logging.getLogger("batchery.worker")
 
@@ -52,6 +55,9 @@ class WorkerConfig:
     deployments: frozenset[str] | None = None
     #: Exit after this many seconds without work (a pool's extra workers); None: never.
     idle_exit_s: float | None = None
+    #: Send webhook deliveries from the outbox, in a thread of this process (only workers
+    #: that run batches do: a job pool's workers are many, and come and go).
+    webhooks: bool = True
 
 
 #: After batch-level work raised, how long before any worker tries it again, in seconds.
@@ -88,6 +94,9 @@ class Worker:
                                   pid=self.info.pid, lease_s=self.config.lease_s,
                                   deployments=self.config.deployments,
                                   overdue=self._overdue, retry=self.config.retry)
+        self.webhooks: WebhookDelivery | None = None
+        if self.config.webhooks and self.config.batches and isinstance(store, WebhookOutbox):
+            self.webhooks = WebhookDelivery(store, self.info.id)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -104,6 +113,8 @@ class Worker:
         log.info("worker %s started", self.info.id)
         if self.jobs is not None:
             self.jobs.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
         try:
             while not self.stopping:
                 if self.run_once():
@@ -115,6 +126,8 @@ class Worker:
                 else:
                     self._idle()
         finally:
+            if self.webhooks is not None:
+                self.webhooks.stop()
             self._report("stopped", None)
             self._close_backends()
             self._runner.close()

@@ -14,10 +14,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batchery import __version__, ids
 from batchery.api import bodies, errors, metrics
 from batchery.api.responses import JSONResponse
-from batchery.api.routes import batches, files, jobs, messages, models
+from batchery.api.routes import batches, files, jobs, messages, models, webhooks
 from batchery.api.routes import keys as key_routes
 from batchery.auth import KeyRing
 from batchery.runtime import Runtime
+from batchery.webhooks.service import WebhookService
 
 
 class RequestIdMiddleware:
@@ -67,12 +68,13 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None,
     app.state.service = runtime.service
     app.state.message_batches = runtime.message_batches
     app.state.jobs = runtime.jobs
+    app.state.webhooks = WebhookService(runtime.store, runtime.policy)
     app.state.keys = keys or KeyRing.load(runtime.settings.keys_file)
     errors.install(app)
     # Added after the error middleware, so further out: its 413 is counted by the metrics.
     app.add_middleware(bodies.BodyLimit,
                        limit_for=functools.partial(bodies.body_cap, runtime.policy.limits))
-    for module in (files, batches, models, messages):
+    for module in (files, batches, models, messages, webhooks):
         app.include_router(module.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/api/v1")
     app.include_router(key_routes.router, prefix="/api/v1")

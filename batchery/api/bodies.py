@@ -16,6 +16,7 @@ from batchery.exceptions import InvalidRequest, TooLarge
 from batchery.jobs import submission
 from batchery.jobs.model import InputKind, OutputMode
 from batchery.trust import Limits
+from batchery.webhooks.service import URL_JSON_SCHEMA
 
 #: Room for the multipart framing and the small form fields around an uploaded file.
 MULTIPART_SLACK_BYTES = 1 << 20
@@ -144,7 +145,9 @@ JOB_SUBMISSION = json_request({
                             "maximum": _MAX_INT},
         "output": {"enum": [m.value for m in OutputMode]},
         "output_path": {"type": ["string", "null"], "minLength": 1},
-        "dry_run": {"type": "boolean"}},
+        "dry_run": {"type": "boolean"},
+        "webhook_url": {"anyOf": [URL_JSON_SCHEMA, {"type": "null"}],
+                        "description": "Extension: a receiver of the job's end event."}},
     # Exactly one input.
     "oneOf": [{"required": [name], "properties": {name: {"type": "object"}}}
               for name in _INPUTS]}, "The job: exactly one input, and its options.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from batchery.cli import client, jobs, keys, offline, server
+from batchery.cli import client, jobs, keys, offline, server, webhooks
 
 app = typer.Typer(help="Batchery: self-hosted batch inference.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -14,6 +14,7 @@ app.add_typer(client.files_app, name="files")
 app.add_typer(client.batches_app, name="batches")
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(jobs.jobs_app, name="jobs")
+app.add_typer(webhooks.webhooks_app, name="webhooks")
 app.command()(jobs.logs)
 
 

@@ -134,6 +134,9 @@ class Job:
     started_at: float | None = None
     ended_at: float | None = None
     results_url: str | None = None
+    #: An extra receiver of this job's end event (extension), signed with the project's
+    #: webhook secret.
+    webhook_url: str | None = None
 
     @property
     def qualified_deployment(self) -> str:

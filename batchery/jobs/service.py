@@ -31,6 +31,7 @@ from batchery.jobs.model import (
 from batchery.paging import Page
 from batchery.store import Store
 from batchery.trust import Principal, TrustPolicy
+from batchery.webhooks.service import check_webhook_url
 
 PYTHON_BACKEND = "python"
 #: Open mode's policy, for a service built without one (tests, `batchery run`).
@@ -148,6 +149,8 @@ class JobService:
         spec = submission.parse(body)
         endpoint, members = self.visible_endpoint(project, endpoint_name)
         deployment = self._deployment(endpoint, members, spec.deployment)
+        webhook_url = None if spec.webhook_url is None \
+            else check_webhook_url(spec.webhook_url, self.policy, "webhook_url")
         box = sandbox.Sandbox(self.policy, project, outputs_url=self.outputs_url,
                               files_url=self.files_url)
         # Every named place is checked before anything is listed, opened or connected to.
@@ -165,7 +168,8 @@ class JobService:
         new_id = job_id()
         job = Job(id=new_id, project=project, endpoint=endpoint.name,
                   deployment=deployment.short_name, input=job_input, options=spec.options,
-                  output_path=outputs.job_dir(output_base, new_id), created_at=time.time())
+                  output_path=outputs.job_dir(output_base, new_id), created_at=time.time(),
+                  webhook_url=webhook_url)
         self.store.insert_job(job)
         return job
 

@@ -19,7 +19,7 @@ from batchery.jobs.model import (
 
 _INPUTS = tuple(k.value for k in InputKind)
 _OPTIONS = ("deployment", "workers", "config", "timeout", "batch_timeout", "max_retries",
-            "error_threshold", "output", "output_path", "dry_run")
+            "error_threshold", "output", "output_path", "dry_run", "webhook_url")
 #: The largest whole number a submission may give (batch sizes, retries, workers): what
 #: the database and JSON encoders hold, far beyond any useful value.
 MAX_INT = 2**31 - 1
@@ -34,6 +34,9 @@ class Submission:
     deployment: str | None
     output_path: str | None
     dry_run: bool
+    #: Extension: a receiver of the job's end event, as given (the job service checks it
+    #: against the operator's allow-list).
+    webhook_url: str | None = None
 
 
 def parse(body: Any) -> Submission:
@@ -54,7 +57,8 @@ def parse(body: Any) -> Submission:
     return Submission(input=_input(kind, body[kind.value]), options=_options(body),
                       deployment=_optional_str(body, "deployment"),
                       output_path=_optional_str(body, "output_path"),
-                      dry_run=_bool(body, "dry_run"))
+                      dry_run=_bool(body, "dry_run"),
+                      webhook_url=_optional_str(body, "webhook_url"))
 
 
 def _input(kind: InputKind, raw: Any) -> JobInput:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +15,15 @@ import pytest
 import schemathesis
 import uvicorn
 from fastapi import Request
+from hypothesis import configuration
 from schemathesis.engine import events, from_schema
 
 from batchery.api.app import create_app
 from batchery.auth import add_key
 from batchery.runtime import open_runtime
 from batchery.settings import Settings
-from tests.conftest import Server, free_port
+from tests.conftest import Server, free_port, start_server
 
-ServerFactory = Callable[..., Server]
 #: The routes that read a request body: each must declare it.
 BODY_ROUTES = {("post", "/v1/files"), ("post", "/v1/batches"), ("post", "/v1/messages/batches"),
                ("post", "/api/v1/endpoints"), ("patch", "/api/v1/endpoints/{name}"),
@@ -42,8 +42,6 @@ UNSAYABLE = {("POST /v1/messages/batches", "positive_data_acceptance"): "must be
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
     """A server with a keys file, and a member key of it."""
-    from tests.conftest import start_server
-
     tmp = tmp_path_factory.mktemp("openapi")
     keys = tmp / "keys.yaml"
     member = add_key(keys, "team-a", role="member")[1]
@@ -96,10 +94,14 @@ def test_every_operation_documents_its_body_answer_and_errors(
 
 
 def test_schemathesis_finds_nothing(keyed: tuple[Server, str], tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                    monkeypatch: pytest.MonkeyPatch,
+                                    request: pytest.FixtureRequest) -> None:
     """Every check schemathesis has, over every operation, as a member key."""
     server, member = keyed
-    monkeypatch.chdir(tmp_path)  # where schemathesis and hypothesis keep their files
+    # Schemathesis and hypothesis keep their files here, not in the working tree.
+    monkeypatch.chdir(tmp_path)
+    configuration.set_hypothesis_home_dir(tmp_path / ".hypothesis")
+    request.addfinalizer(lambda: configuration.set_hypothesis_home_dir(None))
     config = schemathesis.Config.from_dict({
         "headers": {"Authorization": f"Bearer {member}"},
         "workers": 1,

@@ -11,10 +11,12 @@ from batchery.api import wire
 from batchery.api.bodies import json_body
 from batchery.api.deps import Project, Service
 from batchery.api.responses import ok
+from batchery.api.routes.webhooks import Webhooks
 from batchery.batches import SUPPORTED_ENDPOINTS
 from batchery.exceptions import InvalidRequest
 from batchery.files import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S
 from batchery.service import MAX_METADATA_PAIRS
+from batchery.webhooks.service import URL_JSON_SCHEMA, optional_webhook_url
 
 router = APIRouter()
 #: `completion_window`: a whole number and a unit, up to 30 days (`batches.window_seconds`).
@@ -36,7 +38,11 @@ _CREATE_BODY = {"required": True, "content": {"application/json": {"schema": {
             "type": ["object", "null"], "required": ["anchor", "seconds"],
             "properties": {"anchor": {"const": "created_at"},
                            "seconds": {"type": "integer", "minimum": MIN_EXPIRES_AFTER_S,
-                                       "maximum": MAX_EXPIRES_AFTER_S}}}}}}}}
+                                       "maximum": MAX_EXPIRES_AFTER_S}}},
+        "webhook_url": {"anyOf": [URL_JSON_SCHEMA, {"type": "null"}],
+                        "description": "Extension: one more receiver of this batch's end "
+                                       "event, signed with the project's secret "
+                                       "(GET /v1/webhook_secret)."}}}}}}
 
 
 def _required_str(body: dict[str, Any], name: str) -> str:
@@ -52,8 +58,10 @@ def _required_str(body: dict[str, Any], name: str) -> str:
 
 @router.post("/batches", responses=ok(wire.BatchObject, "The batch, validating."),
              openapi_extra={"requestBody": _CREATE_BODY})
-async def create_batch(request: Request, project: Project, service: Service) -> Any:
+async def create_batch(request: Request, project: Project, service: Service,
+                       webhooks: Webhooks) -> Any:
     body = await json_body(request)
+    webhook_url = optional_webhook_url(body, webhooks.policy)
     window = body.get("completion_window", "24h")
     if not isinstance(window, str):
         raise InvalidRequest("Invalid type for 'completion_window': expected a string.",
@@ -61,7 +69,8 @@ async def create_batch(request: Request, project: Project, service: Service) -> 
     batch = await run_in_threadpool(
         service.create_batch, project, input_file_id=_required_str(body, "input_file_id"),
         endpoint=_required_str(body, "endpoint"), completion_window=window,
-        metadata=body.get("metadata"), output_expires_after=body.get("output_expires_after"))
+        metadata=body.get("metadata"), output_expires_after=body.get("output_expires_after"),
+        webhook_url=webhook_url)
     return wire.batch_object(batch)
 
 

@@ -13,8 +13,10 @@ from starlette.responses import StreamingResponse
 from batchery.api import anthropic_wire as wire
 from batchery.api.deps import Project
 from batchery.api.responses import ok, stream
+from batchery.api.routes.webhooks import Webhooks
 from batchery.exceptions import InvalidRequest
 from batchery.message_batches import MessageBatchService
+from batchery.webhooks.service import URL_JSON_SCHEMA, optional_webhook_url
 
 router = APIRouter()
 _BLOCK = 1 << 20
@@ -31,7 +33,11 @@ _CREATE_BODY = {"required": True, "content": {"application/json": {"schema": {
             "params": {"type": "object", "required": ["model"], "properties": {
                 "model": {"type": "string"},
                 "stream": {"enum": [False, None],
-                           "description": "Batches do not stream."}}}}}}}}}}}
+                           "description": "Batches do not stream."}}}}}},
+        "webhook_url": {"anyOf": [URL_JSON_SCHEMA, {"type": "null"}],
+                        "description": "Extension: a receiver of this batch's "
+                                       "message_batch.ended event, signed with the "
+                                       "project's secret (GET /v1/webhook_secret)."}}}}}}
 _ANSWER = "The message batch."
 
 
@@ -45,14 +51,17 @@ Service = Annotated[MessageBatchService, Depends(_service)]
 
 @router.post("/messages/batches", responses=ok(wire.MessageBatch, _ANSWER),
              openapi_extra={"requestBody": _CREATE_BODY})
-async def create(request: Request, project: Project, service: Service) -> Any:
+async def create(request: Request, project: Project, service: Service,
+                 webhooks: Webhooks) -> Any:
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    batch = await run_in_threadpool(service.create, project, body.get("requests"))
+    webhook_url = optional_webhook_url(body, webhooks.policy)
+    batch = await run_in_threadpool(service.create, project, body.get("requests"),
+                                    webhook_url=webhook_url)
     return wire.message_batch(batch, str(request.base_url))
 
 

@@ -43,6 +43,8 @@ from batchery.stores.sql.tables import (
     job_workers,
     jobs,
 )
+from batchery.stores.sql.webhook_store import emit_event
+from batchery.webhooks import model as webhooks
 
 _IN_PROGRESS = [s.value for s in IN_PROGRESS]
 _ACTIVE_STAGES = (JobStage.ENQUEUE.value, JobStage.RUN.value)
@@ -301,7 +303,15 @@ class SqlJobStore(JobStore):
                 job_workers.c.job_id == lease.job.id,
                 job_workers.c.state.in_(_LIVE_WORKER_STATES),
             ).values(state=WorkerState.SUCCEEDED.value, current_batch=None))
-            return _get_job(conn, None, lease.job.id)
+            ended = _get_job(conn, None, lease.job.id)
+            assert ended is not None
+            # The job's end event: once it has wholly ended (results assembled), in the
+            # same transaction, with its final status.
+            event_type = webhooks.job_event_type(ended.status.value)
+            if event_type is not None:
+                emit_event(conn, webhooks.new_event(ended.project, event_type, ended.id,
+                                                    int(now)), ended.webhook_url)
+            return ended
 
     # -- the batch queue ---------------------------------------------------------------
 
@@ -598,7 +608,7 @@ def _job_row(job: Job) -> dict[str, Any]:
                         "batch_timeout": o.batch_timeout_s, "max_retries": o.max_retries,
                         "error_threshold": o.error_threshold, "output": o.output.value},
             "output_path": job.output_path, "created_at": job.created_at,
-            "deadline": job.deadline}
+            "deadline": job.deadline, "webhook_url": job.webhook_url}
 
 
 def _job(row: RowMapping) -> Job:
@@ -623,7 +633,8 @@ def _job(row: RowMapping) -> Job:
                total_items=row["total_items"], items_succeeded=row["items_succeeded"],
                items_failed=row["items_failed"], metrics=metrics, error=row["error"],
                created_at=row["created_at"], started_at=row["started_at"],
-               ended_at=row["ended_at"], results_url=row["results_url"])
+               ended_at=row["ended_at"], results_url=row["results_url"],
+               webhook_url=row["webhook_url"])
 
 
 def _spec(row: RowMapping) -> BatchSpec:

@@ -27,11 +27,13 @@ from batchery.stores.sql import engine as engines
 from batchery.stores.sql import migrate, tables
 from batchery.stores.sql.job_store import SqlJobStore, deployment_row, endpoint_row
 from batchery.stores.sql.tables import batches, chunks, deployments, endpoints, files, workers
+from batchery.stores.sql.webhook_store import SqlWebhookStore, emit_event
+from batchery.webhooks import model as webhooks
 
 _OPEN_CHUNK_STATES = (ChunkState.QUEUED.value, ChunkState.LEASED.value)
 
 
-class SqlStore(SqlJobStore, Store):
+class SqlStore(SqlJobStore, SqlWebhookStore, Store):
     def __init__(self, engine: Engine, *, run_migrations: bool = True) -> None:
         self.engine = engine
         self._now = engines.db_now(engine)
@@ -253,7 +255,10 @@ class SqlStore(SqlJobStore, Store):
                 status=BatchStatus.FAILED.value, failed_at=now,
                 errors=[e.to_dict() for e in errors], lease_owner=None, lease_token=None,
                 lease_expires_at=None))
-            return result.rowcount == 1
+            if result.rowcount != 1:
+                return False
+            _emit_batch_event(conn, lease.batch, BatchStatus.FAILED, now)
+        return True
 
     def abort_open_chunks(self, batch_id: str) -> int:
         with self.engine.begin() as conn:
@@ -284,6 +289,7 @@ class SqlStore(SqlJobStore, Store):
             for record in outputs:
                 conn.execute(files.insert().values(**_file_row(record)))
             conn.execute(chunks.delete().where(chunks.c.batch_id == lease.batch.id))
+            _emit_batch_event(conn, lease.batch, status, now)
         return True
 
     # -- the chunk queue ---------------------------------------------------------------
@@ -380,6 +386,9 @@ class SqlStore(SqlJobStore, Store):
                                  lease_owner=None, lease_expires_at=None))
             conn.execute(batches.update().where(batches.c.lease_token.is_not(None))
                          .values(lease_token=None, lease_owner=None, lease_expires_at=None))
+            conn.execute(tables.webhook_deliveries.update()
+                         .where(tables.webhook_deliveries.c.lease_token.is_not(None))
+                         .values(lease_token=None, lease_owner=None, lease_expires_at=None))
 
     def reap_expired(self, max_attempts: int) -> int:
         expired = sa.select(chunks.c.id, chunks.c.lease_token, chunks.c.attempts).where(
@@ -444,6 +453,15 @@ class SqlStore(SqlJobStore, Store):
             return [WorkerInfo(**dict(r)) for r in rows]
 
 
+def _emit_batch_event(conn: Connection, batch: Batch, status: BatchStatus, now: int) -> None:
+    """Queue the batch's end event in the transaction that ends it: committed together, or
+    not at all."""
+    event_type = webhooks.batch_event_type(status, batch.endpoint)
+    if event_type is not None:
+        emit_event(conn, webhooks.new_event(batch.project, event_type, batch.id, now),
+                   batch.webhook_url)
+
+
 def _deployment(row: RowMapping) -> Deployment:
     allowed = row["projects"]
     return Deployment(name=row["name"], backend=row["backend"], options=row["options"],
@@ -469,7 +487,7 @@ _BATCH_FIELDS = ("id", "project", "endpoint", "input_file_id", "completion_windo
                  "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
                  "cancelling_at", "cancelled_at", "total", "completed", "failed",
                  "input_tokens", "output_tokens", "metadata", "input_key",
-                 "chunk_size", "max_tasks", "unrun", "remote")
+                 "chunk_size", "max_tasks", "unrun", "remote", "webhook_url")
 
 
 def _batch_row(batch: Batch) -> dict[str, Any]:

@@ -52,6 +52,7 @@ batches = sa.Table(
     sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
     sa.Column("unrun", sa.Integer, nullable=False, server_default="0"),
     sa.Column("remote", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("webhook_url", sa.String(2048), nullable=True),
     sa.Column("input_tokens", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("output_tokens", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("lease_owner", sa.String(128), nullable=True),
@@ -149,6 +150,7 @@ jobs = sa.Table(
     sa.Column("ended_at", sa.Float, nullable=True),
     sa.Column("deadline", sa.Float, nullable=True),
     sa.Column("results_url", sa.String(1024), nullable=True),
+    sa.Column("webhook_url", sa.String(2048), nullable=True),
     sa.Column("lease_owner", sa.String(128), nullable=True),
     sa.Column("lease_token", sa.String(64), nullable=True),
     sa.Column("lease_expires_at", sa.Float, nullable=True),
@@ -201,4 +203,86 @@ job_logs = sa.Table(
     sa.Column("source", sa.String(128), nullable=False),
     sa.Column("message", sa.Text, nullable=False),
     sa.Index("ix_job_logs_job_id", "job_id", "id"),
+)
+
+# -- webhooks ------------------------------------------------------------------------------
+
+webhook_endpoints = sa.Table(
+    "webhook_endpoints", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(64), nullable=False, unique=True),
+    sa.Column("project", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("event_types", sa.JSON, nullable=False),
+    #: A `whsec_…` string, or `{"$sealed": …}` when BATCHERY_SECRET_KEY is set.
+    sa.Column("secret", sa.JSON, nullable=False),
+    sa.Column("previous_secret", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("previous_expires_at", sa.BigInteger, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False, server_default="enabled"),
+    sa.Column("disabled_reason", sa.Text, nullable=True),
+    sa.Column("consecutive_failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_webhook_endpoints_project_seq", "project", "seq"),
+)
+
+#: The outbox: one row per event, written in the transaction of the change that causes it.
+webhook_events = sa.Table(
+    "webhook_events", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(64), nullable=False, unique=True),
+    sa.Column("project", sa.String(128), nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    #: The exact JSON every attempt sends and signs.
+    sa.Column("body", sa.Text, nullable=False),
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(64), nullable=False),
+    sa.Column("project", sa.String(128), nullable=False),
+    #: NULL for a per-object callback (`webhook_url` at create).
+    sa.Column("endpoint_id", sa.String(64), nullable=True),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("test", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("next_attempt_at", sa.Float, nullable=True),
+    sa.Column("lease_owner", sa.String(128), nullable=True),
+    sa.Column("lease_token", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", sa.Float, nullable=True),
+    sa.Column("last_status_code", sa.Integer, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("delivered_at", sa.Float, nullable=True),
+    sa.Index("ix_webhook_deliveries_status_due", "status", "next_attempt_at"),
+    sa.Index("ix_webhook_deliveries_endpoint_event", "endpoint_id", "event_id"),
+)
+
+webhook_attempts = sa.Table(
+    "webhook_attempts", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("delivery_id", sa.Integer, nullable=False),
+    sa.Column("event_id", sa.String(64), nullable=False),
+    sa.Column("event_type", sa.String(64), nullable=False),
+    sa.Column("endpoint_id", sa.String(64), nullable=True),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("success", sa.Boolean, nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("latency_ms", sa.Integer, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Index("ix_webhook_attempts_endpoint_id", "endpoint_id", "id"),
+)
+
+#: Secrets the server makes once and keeps (the webhook server secret when
+#: BATCHERY_SECRET_KEY is not set).
+server_secrets = sa.Table(
+    "server_secrets", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
 )

@@ -73,6 +73,16 @@ class Jobs:
     def logs(self, job_id: str) -> str:
         return self.http.get(f"/jobs/{job_id}/logs").text
 
+    def logs_with(self, job_id: str, text: str, timeout: float = 30) -> str:
+        """The job's log once it holds `text`: workers flush their lines a moment after
+        the work they describe, so a line may land after the job has ended."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.logs(job_id)
+            if text in log or time.monotonic() > deadline:
+                return log
+            time.sleep(0.2)
+
     def listing(self, path: str) -> list[dict[str, Any]]:
         response = self.http.get(path)
         assert response.status_code == 200, response.text

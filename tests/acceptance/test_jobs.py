@@ -74,7 +74,7 @@ def test_items_job_runs_on_three_workers_and_on_job_complete_runs_once(
     workers = jobs.listing(f"/jobs/{job['id']}/workers")
     assert len({w["pid"] for w in workers}) >= 2
     assert sum(w["batches_done"] for w in workers) == 15
-    log = jobs.logs(job["id"])
+    log = jobs.logs_with(job["id"], "batch 14: succeeded")
     for expected in ("completed enqueuing a total of 15 batches", "[job_predictors] batch",
                      "batch 14: succeeded", "executing on_job_complete",
                      "[job_predictors] on_job_complete of", "job ended: succeeded"):
@@ -118,7 +118,7 @@ def test_failing_batches_become_dead_letters_with_tracebacks(jobs: Jobs) -> None
     assert [(d["index"], d["items"], d["attempts"]) for d in letters] == [
         (1, [{"fail": True}], 2), (4, [{"fail": True}], 2)]
     assert all("ValueError" in d["error"] for d in letters)
-    log = jobs.logs(job["id"])
+    log = jobs.logs_with(job["id"], "out of retries: it is now a dead letter")
     assert "out of retries: it is now a dead letter" in log
     # The predictor's own lines go to this job's log, and no other job's do.
     assert f"[job_predictors] batch {job['id']}:" in log
@@ -181,7 +181,7 @@ def test_a_worker_killed_mid_batch_has_its_batch_redelivered_exactly_once(
     assert done["batch_metrics"]["failed"] == 1  # the killed attempt
     states = {w["pid"]: w["state"] for w in jobs.listing(f"/jobs/{job['id']}/workers")}
     assert states[busy["pid"]] == "failed"
-    assert "stopped renewing its lease" in jobs.logs(job["id"])
+    assert "stopped renewing its lease" in jobs.logs_with(job["id"], "stopped renewing")
 
 
 def test_a_predictor_that_kills_its_process_shows_in_worker_states(

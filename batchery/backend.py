@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+RESPONSES_ENDPOINT = "/v1/responses"
+MODERATIONS_ENDPOINT = "/v1/moderations"
+#: The Anthropic Messages endpoint of message batches' lines (see `batchery.anthropic`).
+MESSAGES_ENDPOINT = "/v1/messages"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -51,6 +57,13 @@ class ModelBackend(ABC):
     #: The endpoints this backend can answer.
     endpoints: frozenset[str] = frozenset()
 
+    @classmethod
+    def declared_endpoints(cls, options: Mapping[str, Any]) -> frozenset[str]:
+        """The endpoints a deployment of this backend with these options answers itself,
+        known without building it (the API server lists them; validation checks lines
+        against them). A backend whose endpoints depend on its options overrides this."""
+        return cls.endpoints
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load the model or open connections."""
 
@@ -60,3 +73,12 @@ class ModelBackend(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release the model or connections."""
+
+
+def served_endpoints(declared: frozenset[str]) -> frozenset[str]:
+    """The endpoints a deployment serves: those its backend declares, and those Batchery
+    translates onto them. A chat backend also answers Responses and Anthropic Messages
+    requests, translated to chat and back."""
+    if CHAT_ENDPOINT in declared:
+        return declared | {RESPONSES_ENDPOINT, MESSAGES_ENDPOINT}
+    return declared

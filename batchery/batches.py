@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-#: The endpoints a batch line may target.
-SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+#: The endpoints a batch line may target, in the order the hosted API's messages list them.
+SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                       "/v1/moderations", "/v1/responses")
 #: `completion_window` is `<N>` plus a unit. `24h` is OpenAI's only value; any other length,
 #: from 1 second to 30 days, is our extension (short windows make expiry testable).
 _WINDOW = re.compile(r"\A([1-9][0-9]{0,6})([smhd])\Z")  # \Z: `$` allows a trailing newline
@@ -30,6 +31,20 @@ def window_seconds(window: str) -> int | None:
         return None
     seconds = int(match.group(1)) * _UNIT_S[match.group(2)]
     return seconds if seconds <= MAX_WINDOW_S else None
+
+
+def canonical_endpoint(endpoint: str) -> str:
+    """The `/v1/...` spelling of a batch endpoint. Azure OpenAI's docs write the endpoint
+    without `/v1` (`/chat/completions`); both spellings are accepted, and a batch keeps the
+    one it was given, so run and check it under this one."""
+    if not endpoint.startswith("/v1/") and f"/v1{endpoint}" in SUPPORTED_ENDPOINTS:
+        return f"/v1{endpoint}"
+    return endpoint
+
+
+def same_endpoint(url: object, endpoint: str) -> bool:
+    """Whether a line's `url` names the batch's `endpoint`, in either spelling."""
+    return isinstance(url, str) and canonical_endpoint(url) == canonical_endpoint(endpoint)
 
 
 class BatchStatus(enum.StrEnum):

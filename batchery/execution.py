@@ -10,8 +10,15 @@ from typing import Any
 
 import orjson
 
-from batchery import anthropic, ids
-from batchery.backend import ModelBackend, Reply, Request, error_reply
+from batchery import anthropic, ids, request_schemas, responses_api
+from batchery.backend import (
+    CHAT_ENDPOINT,
+    RESPONSES_ENDPOINT,
+    ModelBackend,
+    Reply,
+    Request,
+    error_reply,
+)
 from batchery.retry import RetryPolicy
 
 #: Finds the started backend of a deployment, or None when no deployment has that name.
@@ -58,8 +65,11 @@ class ChunkOutput:
                 n_ok += 1
                 usage = reply.body.get("usage")
                 if isinstance(usage, dict):
-                    input_tokens += _int(usage.get("prompt_tokens"))
-                    output_tokens += _int(usage.get("completion_tokens"))
+                    # Chat and completions count `prompt_tokens`, Responses `input_tokens`.
+                    input_tokens += _int(usage.get("prompt_tokens",
+                                                   usage.get("input_tokens")))
+                    output_tokens += _int(usage.get("completion_tokens",
+                                                    usage.get("output_tokens")))
             else:
                 err += line
                 n_err += 1
@@ -100,6 +110,11 @@ async def run_chunk(lines: Sequence[bytes], endpoint: str, lookup: BackendLookup
             except anthropic.ParamsError as exc:
                 output.add(obj["custom_id"], error_reply(400, str(exc)), body.get("model"))
                 continue
+        # Checked once here for every backend: a body of the wrong shape never reaches one.
+        problem = request_schemas.check(anthropic.CHAT_ENDPOINT if messages else endpoint, body)
+        if problem is not None:
+            output.add(obj["custom_id"], problem.reply(), body.get("model"))
+            continue
         groups.setdefault(body["model"], []).append(Request(custom_id=obj["custom_id"],
                                                             body=body))
     target = anthropic.CHAT_ENDPOINT if messages else endpoint
@@ -117,7 +132,32 @@ async def _run_group(model: str, requests: list[Request], endpoint: str,
         reply = error_reply(404, f"The model '{model}' does not exist.", param="model",
                             code="model_not_found")
         return [reply] * len(requests)
+    if endpoint == RESPONSES_ENDPOINT and RESPONSES_ENDPOINT not in backend.endpoints \
+            and CHAT_ENDPOINT in backend.endpoints:
+        return await _responses_as_chat(backend, requests, policy)
     return await call_with_retry(backend, endpoint, requests, policy)
+
+
+async def _responses_as_chat(backend: ModelBackend, requests: list[Request],
+                             policy: RetryPolicy) -> list[Reply]:
+    """Responses requests on a chat backend: translated in, and the answers back out. A
+    request that cannot be translated is a 400 of its own; the others still run."""
+    replies: list[Reply | None] = [None] * len(requests)
+    chat: list[Request] = []
+    at: list[int] = []
+    for i, request in enumerate(requests):
+        try:
+            body = responses_api.to_chat(request.body)
+        except responses_api.ParamsError as exc:
+            replies[i] = exc.reply()
+            continue
+        chat.append(Request(custom_id=request.custom_id, body=body))
+        at.append(i)
+    if chat:
+        answers = await call_with_retry(backend, CHAT_ENDPOINT, chat, policy)
+        for i, answer in zip(at, answers, strict=True):
+            replies[i] = responses_api.reply_from_chat(requests[i].body, answer)
+    return [r for r in replies if r is not None]
 
 
 async def call_with_retry(backend: ModelBackend, endpoint: str, requests: Sequence[Request],

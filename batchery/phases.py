@@ -13,7 +13,7 @@ from typing import IO, Any
 import orjson
 
 from batchery import anthropic, ids, validation
-from batchery.batches import Batch, BatchError, BatchStatus, EndReason
+from batchery.batches import Batch, BatchError, BatchStatus, EndReason, canonical_endpoint
 from batchery.chunks import Chunk, ChunkSpec, ChunkState
 from batchery.deployments import Deployment
 from batchery.execution import error_line, split_lines
@@ -53,10 +53,13 @@ def _reading(files: FileStore, key: str) -> Iterator[IO[bytes]]:
 #: The endpoints a deployment's backend accepts if it hands whole batches to a provider,
 #: else None.
 RemoteEndpoints = Callable[[str], "frozenset[str] | None"]
+#: The endpoints a deployment serves (None: not known, so any).
+ServedEndpoints = Callable[[Deployment], "frozenset[str] | None"]
 
 
 def validate(store: Store, files: FileStore, lease: PhaseLease, lost: Callable[[], bool],
-             remote_endpoints: RemoteEndpoints = lambda _: None) -> None:
+             remote_endpoints: RemoteEndpoints = lambda _: None,
+             served: ServedEndpoints = lambda _: None) -> None:
     batch = lease.batch
     record = store.get_file(batch.project, batch.input_file_id)
     now = int(time.time())
@@ -69,7 +72,11 @@ def validate(store: Store, files: FileStore, lease: PhaseLease, lost: Callable[[
         return
     # Another project's deployments are unknown models here, as they are in its listing.
     deployments = {d.name: d for d in store.list_deployments() if d.usable_by(batch.project)}
-    known = set(deployments)
+    # A model of another endpoint is not one this batch may use. A remote deployment is
+    # judged whole by `_remote_plan`, which says why.
+    endpoint = canonical_endpoint(batch.endpoint)
+    known = {name for name, d in deployments.items() if remote_endpoints(d.backend) is not None
+             or (ends := served(d)) is None or endpoint in ends}
     # Anthropic reports an unknown model per request (an errored result), not per batch.
     model_known = (known.__contains__ if batch.endpoint != anthropic.MESSAGES_ENDPOINT
                    else lambda _: True)
@@ -80,7 +87,8 @@ def validate(store: Store, files: FileStore, lease: PhaseLease, lost: Callable[[
 
     with _reading(files, record.storage_key) as stream:
         report = validation.validate(
-            _checked(validation.iter_lines(stream), lost), endpoint=batch.endpoint,
+            _checked(validation.iter_lines(stream), lost),
+            endpoint=canonical_endpoint(batch.endpoint),
             model_known=model_known, max_tasks=batch.max_tasks,
             chunk_size=batch.chunk_size, reread=reread)
     now = int(time.time())
@@ -108,7 +116,7 @@ def _remote_plan(batch: Batch, models: set[str], deployments: dict[str, Deployme
         return BatchError(code="mismatched_model", param="body.model",
                           message=f"Every line must use the model '{name}': its deployment "
                                   "hands the whole batch to a provider.")
-    if batch.endpoint not in endpoints:
+    if canonical_endpoint(batch.endpoint) not in endpoints:
         return BatchError(code="invalid_url", param="url",
                           message=f"The deployment '{name}' does not accept "
                                   f"{batch.endpoint} batches.")

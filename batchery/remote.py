@@ -12,7 +12,7 @@ import enum
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -85,6 +85,11 @@ class RemoteBatchBackend(ABC):
     @abstractmethod
     def fetch(self, job: dict[str, Any], out: IO[bytes], err: IO[bytes]) -> None:
         """Copy the results, as lines of our own format, into `out` (and `err`)."""
+
+    def rejected_line(self, raw: bytes) -> bytes | None:
+        """The result line of a request `submit` did not send because it is invalid for this
+        provider, or None. Asked only of requests the provider gave no result."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -225,7 +230,8 @@ def _finish(store: Store, files: FileStore, lease: PhaseLease, backend: RemoteBa
     missing_key = f"{prefix}/remote.missing"
     with files.open_write(missing_key) as missing, \
             files.open_read(batch.input_key or "") as source:
-        tally.write_missing(source, missing, reason)
+        tally.write_missing(source, missing, reason,
+                            backend.rejected_line if job is not None else lambda _: None)
     phases.finish_from_parts(store, files, lease, [out_key], [err_key, missing_key],
                              completed=tally.completed, failed=tally.failed,
                              unrun=tally.unrun)
@@ -267,10 +273,15 @@ class _Tally:
         i = int(np.searchsorted(self._sorted, hash(custom_id)))
         return i < len(self._sorted) and int(self._sorted[i]) == hash(custom_id)
 
-    def write_missing(self, source: IO[bytes], out: IO[bytes], reason: EndReason) -> None:
+    def write_missing(self, source: IO[bytes], out: IO[bytes], reason: EndReason,
+                      rejected: Callable[[bytes], bytes | None]) -> None:
         for raw in _request_lines(source):
             custom_id = orjson.loads(raw)["custom_id"]
             if self.answered(custom_id):
+                continue
+            if (line := rejected(raw)) is not None:  # never sent: it failed, it did not go unrun
+                out.write(line)
+                self.failed += 1
                 continue
             out.write(self._missing_line(custom_id, reason))
             self.failed += 1

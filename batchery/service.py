@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from batchery import ids
+from batchery import backends, ids
 from batchery.anthropic import MESSAGES_ENDPOINT
 from batchery.batches import (
     DEFAULT_CHUNK_SIZE,
@@ -15,6 +15,7 @@ from batchery.batches import (
     SUPPORTED_ENDPOINTS,
     Batch,
     BatchStatus,
+    canonical_endpoint,
     window_seconds,
 )
 from batchery.deployments import Deployment
@@ -28,6 +29,7 @@ from batchery.files import (
     FileRecord,
 )
 from batchery.filestore import FileStore
+from batchery.gemini import GEMINI_ID_PREFIX
 from batchery.store import Page, Store
 
 _COPY_BUFFER = 1 << 20
@@ -125,7 +127,7 @@ class BatchService:
                      output_expires_after: Any = None, webhook_url: str | None = None) -> Batch:
         """A new batch. `webhook_url`, checked by the caller against the operator's
         allow-list, receives the batch's end event besides the project's endpoints."""
-        if endpoint not in SUPPORTED_ENDPOINTS:
+        if canonical_endpoint(endpoint) not in SUPPORTED_ENDPOINTS:  # or without /v1
             raise InvalidRequest(f"Invalid value: '{endpoint}'. Supported values are: "
                                  f"{_quoted_list(SUPPORTED_ENDPOINTS)}.",
                                  param="endpoint", code="invalid_value")
@@ -163,7 +165,9 @@ class BatchService:
 
     def get_batch(self, project: str, batch_id: str) -> Batch:
         batch = self.store.get_batch(project, batch_id)
-        if batch is None or batch.endpoint == MESSAGES_ENDPOINT:
+        # Anthropic and Gemini batches run on the same engine but are not OpenAI's.
+        if batch is None or batch.endpoint == MESSAGES_ENDPOINT \
+                or batch.id.startswith(GEMINI_ID_PREFIX):
             raise NotFound(f"No batch found with id '{batch_id}'.")
         return batch
 
@@ -171,7 +175,8 @@ class BatchService:
                      limit: int = 20) -> Page[Batch]:
         _check_limit(limit, 100)
         return self.store.list_batches(project, after=after, limit=limit,
-                                       exclude_endpoint=MESSAGES_ENDPOINT)
+                                       exclude_endpoint=MESSAGES_ENDPOINT,
+                                       exclude_id_prefix=GEMINI_ID_PREFIX)
 
     def cancel_batch(self, project: str, batch_id: str) -> Batch:
         self.get_batch(project, batch_id)
@@ -180,6 +185,10 @@ class BatchService:
     def list_models(self, project: str) -> list[Deployment]:
         """The deployments, and endpoints' names, that `project`'s batches may use."""
         return [d for d in self.store.list_deployments() if d.usable_by(project)]
+
+    def model_endpoints(self, project: str) -> list[tuple[Deployment, frozenset[str]]]:
+        """The models `project`'s batches may use, each with the endpoints it serves."""
+        return [(d, backends.endpoints_of(d)) for d in self.list_models(project)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,8 +78,10 @@ class BatchRecords(ABC):
     @abstractmethod
     def list_batches(self, project: str, *, after: str | None, limit: int,
                      before: str | None = None, endpoint: str | None = None,
-                     exclude_endpoint: str | None = None) -> Page[Batch]:
-        """Newest first; `after` pages to older batches, `before` to newer ones."""
+                     exclude_endpoint: str | None = None, id_prefix: str | None = None,
+                     exclude_id_prefix: str | None = None) -> Page[Batch]:
+        """Newest first; `after` pages to older batches, `before` to newer ones. The id
+        prefixes keep one API's batches (Gemini's) apart from the others'."""
 
     @abstractmethod
     def delete_batch(self, project: str, batch_id: str) -> bool:

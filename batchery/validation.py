@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from batchery.batches import MAX_REPORTED_ERRORS, BatchError
+from batchery import request_schemas
+from batchery.batches import MAX_REPORTED_ERRORS, BatchError, canonical_endpoint, same_endpoint
 from batchery.chunks import ChunkSpec
 
 #: `(byte offset, raw line)` pairs, as produced by `iter_lines`.
@@ -53,52 +54,72 @@ def _missing(param: str, line: int) -> BatchError:
                       message=f"Missing required parameter: '{param}'.", param=param, line=line)
 
 
-#: What `check_line` finds: `(custom_id, model, error)`, each None when absent.
-LineCheck = tuple[str | None, str | None, BatchError | None]
+def _required(name: str, line: int) -> BatchError:
+    """A body without one of its endpoint's required fields, in the hosted API's words."""
+    return BatchError(code="invalid_request", message=f"{name.capitalize()} parameter is "
+                                                      f"required.",
+                      param=f"body.{name}", line=line)
+
+
+#: What `check_line` finds: `(custom_id, model, errors)`; the first two None when absent.
+LineCheck = tuple[str | None, str | None, list[BatchError]]
 
 
 def check_line(raw: bytes, line: int, endpoint: str,
                model_known: Callable[[str], bool]) -> LineCheck:
-    """Check one line. Returns `(custom_id, model, error)`."""
+    """Check one line: its envelope, then every required body field, then the model.
+    Returns `(custom_id, model, errors)`; the model only when the line is fine."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return None, None, BatchError(code="invalid_json_line",
-                                      message="This line is not parseable as valid JSON.",
-                                      line=line)
+        return None, None, [BatchError(code="invalid_json_line",
+                                       message="This line is not parseable as valid JSON.",
+                                       line=line)]
+    custom_id, error = _check_envelope(obj, line, endpoint)
+    if error is not None:
+        return custom_id, None, [error]
+    body = obj["body"]
+    # Every missing field of every line is reported (up to the cap), not just the first.
+    absent = request_schemas.missing(endpoint, body)
+    if absent:
+        return custom_id, None, [_required(name, line) for name in absent]
+    if body.get("stream") is True:
+        title = request_schemas.TITLES.get(canonical_endpoint(endpoint))
+        return custom_id, None, [BatchError(
+            code="streaming_unsupported", param="body.stream", line=line,
+            message=(f"{title}: " if title else "") + "Streaming is not supported in the "
+                                                      "Batch API.")]
+    model = body["model"]
+    if not isinstance(model, str) or not model_known(model):
+        return custom_id, None, [BatchError(
+            code="model_not_found", param="body.model", line=line,
+            message=f"The provided model '{model}' is not supported by the Batch API.")]
+    return custom_id, model, []
+
+
+def _check_envelope(obj: Any, line: int, endpoint: str) -> tuple[str | None, BatchError | None]:
+    """The line's `custom_id`, `method`, `url` and `body`: `(custom_id, error)`."""
     if not isinstance(obj, dict):
-        return None, None, BatchError(code="invalid_request",
-                                      message="Each line must be a JSON object.", line=line)
+        return None, BatchError(code="invalid_request", line=line,
+                                message="Each line must be a JSON object.")
     for key in ("custom_id", "method", "url", "body"):
         if key not in obj or obj[key] is None:
-            return None, None, _missing(key, line)
-    custom_id, body = obj["custom_id"], obj["body"]
+            return None, _missing(key, line)
+    custom_id = obj["custom_id"]
     if not isinstance(custom_id, str) or not custom_id:
-        return None, None, BatchError(code="invalid_request", param="custom_id", line=line,
-                                      message="'custom_id' must be a non-empty string.")
+        return None, BatchError(code="invalid_request", param="custom_id", line=line,
+                                message="'custom_id' must be a non-empty string.")
     if obj["method"] != "POST":
-        return custom_id, None, BatchError(code="invalid_request", param="method", line=line,
-                                           message="'method' must be 'POST'.")
-    if obj["url"] != endpoint:
-        return custom_id, None, BatchError(
+        return custom_id, BatchError(code="invalid_request", param="method", line=line,
+                                     message="'method' must be 'POST'.")
+    if not same_endpoint(obj["url"], endpoint):
+        return custom_id, BatchError(
             code="invalid_url", param="url", line=line,
-            message=f"The URL provided for this request does not match the batch endpoint "
-                    f"'{endpoint}'.")
-    if not isinstance(body, dict):
-        return custom_id, None, BatchError(code="invalid_request", param="body", line=line,
-                                           message="'body' must be a JSON object.")
-    model = body.get("model")
-    if model is None:
-        return custom_id, None, _missing("body.model", line)
-    if body.get("stream") is True:
-        return custom_id, None, BatchError(
-            code="streaming_unsupported", param="body.stream", line=line,
-            message="Streaming is not supported in the Batch API.")
-    if not isinstance(model, str) or not model_known(model):
-        return custom_id, None, BatchError(
-            code="model_not_found", param="body.model", line=line,
-            message=f"The provided model '{model}' is not served by any deployment.")
-    return custom_id, model, None
+            message="The URL provided for this request does not match the batch endpoint.")
+    if not isinstance(obj["body"], dict):
+        return custom_id, BatchError(code="invalid_request", param="body", line=line,
+                                     message="'body' must be a JSON object.")
+    return custom_id, None
 
 
 def _custom_id_hash(custom_id: str) -> int:
@@ -164,8 +185,8 @@ def validate(lines: Lines, *, endpoint: str, model_known: Callable[[str], bool],
         line_no += 1
         if not raw.strip():
             continue
-        custom_id, model, error = check_line(raw, line_no, endpoint, model_known)
-        if error is not None:
+        custom_id, model, errors = check_line(raw, line_no, endpoint, model_known)
+        for error in errors:
             report.add(error)
         if model is not None:
             report.models.add(model)

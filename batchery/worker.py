@@ -22,7 +22,7 @@ from typing import Any
 
 from batchery import backends, execution, phases, remote
 from batchery.backend import ModelBackend
-from batchery.batches import BatchError, BatchStatus
+from batchery.batches import BatchError, BatchStatus, canonical_endpoint
 from batchery.chunks import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, ChunkLease
 from batchery.chunks import ChunkResult as Result
 from batchery.deployments import Deployment
@@ -199,7 +199,7 @@ class Worker:
             with heartbeat:
                 if batch.status is BatchStatus.VALIDATING:
                     phases.validate(self.store, self.files, lease, lambda: heartbeat.lost,
-                                    backends.remote_endpoints)
+                                    backends.remote_endpoints, backends.endpoints_of)
                 elif batch.remote is not None:
                     self._advance_remote(lease)
                 else:
@@ -287,8 +287,8 @@ class Worker:
             return await self._backend(model, project)
 
         try:
-            return await execution.run_chunk(lines, lease.endpoint, backend_for,
-                                             self.config.retry)
+            return await execution.run_chunk(lines, canonical_endpoint(lease.endpoint),
+                                             backend_for, self.config.retry)
         finally:
             self._task = None
 

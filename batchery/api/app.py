@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batchery import __version__, ids
 from batchery.api import bodies, errors, metrics
 from batchery.api.responses import JSONResponse
-from batchery.api.routes import batches, files, jobs, messages, models, webhooks
+from batchery.api.routes import azure, batches, files, gemini, jobs, messages, models, webhooks
 from batchery.api.routes import keys as key_routes
 from batchery.auth import KeyRing
 from batchery.runtime import Runtime
@@ -76,6 +76,9 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None,
                        limit_for=functools.partial(bodies.body_cap, runtime.policy.limits))
     for module in (files, batches, models, messages, webhooks):
         app.include_router(module.router, prefix="/v1")
+    app.include_router(azure.legacy_router, prefix="/openai")
+    app.include_router(azure.v1_router, prefix="/openai/v1")
+    gemini.install(app)  # the Gemini API under /gemini/v1beta, /gemini/v1 and /v1beta
     app.include_router(jobs.router, prefix="/api/v1")
     app.include_router(key_routes.router, prefix="/api/v1")
 

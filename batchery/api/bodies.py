@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchery.api import errors
 from batchery.exceptions import InvalidRequest, TooLarge
+from batchery.gemini import UPLOAD_MOUNTS
 from batchery.jobs import submission
 from batchery.jobs.model import InputKind, OutputMode
 from batchery.trust import Limits
@@ -21,7 +22,10 @@ from batchery.webhooks.service import URL_JSON_SCHEMA
 #: Room for the multipart framing and the small form fields around an uploaded file.
 MULTIPART_SLACK_BYTES = 1 << 20
 #: Routes whose body is a multipart upload rather than JSON.
-UPLOAD_ROUTES = frozenset({("POST", "/v1/files")})
+UPLOAD_ROUTES = frozenset({("POST", "/v1/files"), ("POST", "/openai/files"),  # and Azure's
+                           ("POST", "/openai/v1/files")}
+                          # and Gemini's resumable uploads' chunks
+                          | {("POST", f"{mount}/files") for mount in UPLOAD_MOUNTS})
 
 
 @dataclass(frozen=True, slots=True)

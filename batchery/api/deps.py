@@ -7,16 +7,20 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from batchery.auth import KeyRing
+from batchery.gemini import is_gemini_path
 from batchery.service import BatchService
 from batchery.trust import Principal
 
 
 def presented_key(request: Request) -> str | None:
-    """The API key, from `Authorization: Bearer`, `X-Api-Key` or Azure's `api-key`."""
+    """The API key, from `Authorization: Bearer`, `X-Api-Key`, Azure's `api-key`, or
+    Gemini's `x-goog-api-key` (or `?key=` on the Gemini API's paths)."""
     auth = request.headers.get("authorization")
     if auth and auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return request.headers.get("x-api-key") or request.headers.get("api-key")
+    return (request.headers.get("x-api-key") or request.headers.get("api-key")
+            or request.headers.get("x-goog-api-key")
+            or (request.query_params.get("key") if is_gemini_path(request.url.path) else None))
 
 
 def get_keys(request: Request) -> KeyRing:

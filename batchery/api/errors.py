@@ -1,6 +1,7 @@
 """The one place that knows HTTP status codes: domain errors to error envelopes.
 
-Routes under `/v1/messages` answer in Anthropic's envelope, all others in OpenAI's.
+Routes under `/v1/messages` answer in Anthropic's envelope, the Gemini API's (see
+`batchery.gemini.MOUNTS`) in Google's, all others in OpenAI's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchery import anthropic, ids
+from batchery import anthropic, gemini, ids
 from batchery.api.responses import JSONResponse
 from batchery.exceptions import (
     Conflict,
@@ -42,6 +43,9 @@ def error_response(request: Request, status: int, message: str, *,
         body = {"type": "error", "error": {"type": kind, "message": message},
                 "request_id": request_id}
         return JSONResponse(body, status_code=status, headers=headers)
+    if gemini.is_gemini_path(request.url.path):
+        return JSONResponse(gemini.error_body(status, message, param=param, code=code),
+                            status_code=status, headers=headers)
     error = {"message": message, "type": type_, "param": param, "code": code}
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 

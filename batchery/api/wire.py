@@ -5,7 +5,7 @@ render with the functions here); keep the two in step."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -53,9 +53,9 @@ def batch_object(batch: Batch) -> dict[str, Any]:
     }
 
 
-def model_object(deployment: Deployment) -> dict[str, Any]:
+def model_object(deployment: Deployment, endpoints: Iterable[str] = ()) -> dict[str, Any]:
     return {"id": deployment.name, "object": "model", "created": 0, "owned_by": "batchery",
-            "backend": deployment.backend}
+            "backend": deployment.backend, "endpoints": sorted(endpoints)}
 
 
 def list_object(items: Sequence[T], render: Callable[[T], dict[str, Any]],
@@ -172,6 +172,8 @@ class ModelObject(BaseModel):
     created: int
     owned_by: str
     backend: str
+    #: Extension: the batch endpoints whose lines this model answers.
+    endpoints: list[str]
 
 
 class ModelList(BaseModel):

@@ -6,7 +6,7 @@ import importlib
 from typing import Any
 
 from batchery import deployment_policy, secrets
-from batchery.backend import ModelBackend
+from batchery.backend import ModelBackend, served_endpoints
 from batchery.deployments import Deployment
 from batchery.exceptions import ConfigError
 from batchery.remote import RemoteBatchBackend
@@ -27,6 +27,7 @@ REGISTRY = {
 REMOTE_REGISTRY = {
     "openai_batch": "batchery.backends.remote_openai:OpenAIBatchBackend",
     "anthropic_batch": "batchery.backends.remote_anthropic:AnthropicBatchBackend",
+    "gemini_batch": "batchery.backends.remote_gemini:GeminiBatchBackend",
 }
 
 
@@ -39,6 +40,20 @@ def remote_endpoints(backend: str) -> frozenset[str] | None:
     endpoints: frozenset[str] = getattr(importlib.import_module(module_name),
                                         class_name).endpoints
     return endpoints
+
+
+def endpoints_of(deployment: Deployment) -> frozenset[str]:
+    """The endpoints a deployment serves, read from its backend class and options without
+    building it: what it answers itself, and what Batchery translates onto that."""
+    remote = remote_endpoints(deployment.backend)
+    if remote is not None:
+        return remote
+    target = REGISTRY.get(deployment.backend)
+    if target is None:
+        return frozenset()
+    module_name, class_name = target.split(":")
+    cls: type[ModelBackend] = getattr(importlib.import_module(module_name), class_name)
+    return served_endpoints(cls.declared_endpoints(deployment.options))
 
 
 def create_remote(deployment: Deployment) -> RemoteBatchBackend:

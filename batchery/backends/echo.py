@@ -1,8 +1,8 @@
 """`echo`: a deterministic stand-in model for tests, demos and pipelines without a GPU.
 
-It answers every endpoint with a well-formed OpenAI body, validates request bodies the way
-a real server would (a bad body gets a 400 reply, not an exception), and can simulate time
-per request (`latency_ms`) and a seeded share of server errors (`failure_rate`).
+It answers every endpoint with a well-formed OpenAI body, and can simulate time per request
+(`latency_ms`) and a seeded share of server errors (`failure_rate`). Bodies reach it checked
+(`batchery.request_schemas`); it refuses only what a text model of its size cannot do.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from typing import Any
 from batchery.backend import ModelBackend, Reply, Request, error_reply
 from batchery.exceptions import ConfigError
 
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _DEFAULT_DIM = 16
+_MAX_DIM = 4096
 
 
 class EchoBackend(ModelBackend):
-    endpoints = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+    endpoints = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                           "/v1/moderations"})
 
     def __init__(self, *, latency_ms: float = 0.0, failure_rate: float = 0.0, seed: int = 0,
                  concurrency: int = 1, dimensions: int = _DEFAULT_DIM) -> None:
@@ -88,29 +89,19 @@ def _text_of(content: Any) -> str | None:
     return None
 
 
-def _check_messages(messages: Any) -> Reply | None:
-    if not isinstance(messages, list) or not messages:
-        return error_reply(400, "'messages' must be a non-empty array.", param="messages",
-                           code="invalid_value" if isinstance(messages, list) else None)
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return error_reply(400, f"'messages[{i}]' must be an object.",
-                               param=f"messages[{i}]", code="invalid_type")
-        if message.get("role") not in _ROLES:
-            return error_reply(400, f"Invalid value for 'messages[{i}].role': expected one of "
-                                    f"{', '.join(sorted(_ROLES))}.",
-                               param=f"messages[{i}].role", code="invalid_value")
-        if "content" not in message and message["role"] != "assistant":
-            return error_reply(400, f"Missing required parameter: 'messages[{i}].content'.",
-                               param=f"messages[{i}].content",
-                               code="missing_required_parameter")
-    return None
+def _texts(raw: str | list[Any]) -> list[str] | None:
+    """A prompt or input as texts; None for token ids, which echo has no tokenizer for."""
+    if isinstance(raw, str):
+        return [raw]
+    return list(raw) if all(isinstance(t, str) for t in raw) else None
+
+
+def _no_token_ids(param: str) -> Reply:
+    return error_reply(400, f"'{param}' holds token ids: this model takes text only.",
+                       param=param, code="unsupported_value")
 
 
 def chat(body: dict[str, Any], _dim: int = _DEFAULT_DIM) -> Reply:
-    problem = _check_messages(body.get("messages"))
-    if problem is not None:
-        return problem
     messages = body["messages"]
     answer = next((_text_of(m.get("content")) for m in reversed(messages)
                    if m.get("role") == "user"), None) or ""
@@ -135,15 +126,9 @@ def chat(body: dict[str, Any], _dim: int = _DEFAULT_DIM) -> Reply:
 
 
 def completion(body: dict[str, Any], _dim: int = _DEFAULT_DIM) -> Reply:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        prompts = prompt
-    elif isinstance(prompt, str):
-        prompts = [prompt]
-    else:
-        return error_reply(400, "'prompt' must be a string or an array of strings.",
-                           param="prompt", code="invalid_type" if prompt is not None
-                           else "missing_required_parameter")
+    prompts = _texts(body["prompt"])
+    if prompts is None:
+        return _no_token_ids("prompt")
     tokens = sum(_words(p) for p in prompts)
     return Reply(status_code=200, body={
         "id": "cmpl-" + _digest("".join(prompts), body.get("model")),
@@ -158,18 +143,13 @@ def completion(body: dict[str, Any], _dim: int = _DEFAULT_DIM) -> Reply:
 
 
 def embedding(body: dict[str, Any], dim: int = _DEFAULT_DIM) -> Reply:
-    raw = body.get("input")
-    texts = [raw] if isinstance(raw, str) else raw
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        return error_reply(400, "'input' must be a string or a non-empty array of strings.",
-                           param="input", code="invalid_type")
-    fmt = body.get("encoding_format", "float")
-    if fmt not in ("float", "base64"):
-        return error_reply(400, "'encoding_format' must be 'float' or 'base64'.",
-                           param="encoding_format", code="invalid_value")
+    texts = _texts(body["input"])
+    if texts is None:
+        return _no_token_ids("input")
+    fmt = body.get("encoding_format") or "float"
     size = body.get("dimensions") or dim
-    if not isinstance(size, int) or size < 1 or size > 4096:
-        return error_reply(400, "'dimensions' must be an integer from 1 to 4096.",
+    if size > _MAX_DIM:
+        return error_reply(400, f"'dimensions' must be at most {_MAX_DIM} for this model.",
                            param="dimensions", code="invalid_value")
     data = [{"object": "embedding", "index": i, "embedding": _encode(_vector(t, size), fmt)}
             for i, t in enumerate(texts)]
@@ -178,6 +158,47 @@ def embedding(body: dict[str, Any], dim: int = _DEFAULT_DIM) -> Reply:
         "object": "list", "data": data, "model": body.get("model"),
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     })
+
+
+#: The moderation categories of the hosted API.
+_MODERATION_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
+    "illicit/violent", "self-harm", "self-harm/instructions", "self-harm/intent", "sexual",
+    "sexual/minors", "violence", "violence/graphic")
+
+
+def moderation(body: dict[str, Any], _dim: int = _DEFAULT_DIM) -> Reply:
+    """One result per input text (a list of multimodal parts is one input). A category is
+    flagged when its name appears in the text, so tests can choose what gets flagged:
+    "violence" flags `violence`, "violence/graphic" flags `violence/graphic` too."""
+    texts = _moderation_inputs(body.get("input"))
+    if texts is None:
+        return error_reply(400, "'input' must be a string, an array of strings, or an array "
+                                "of multimodal input parts.", param="input",
+                           code="invalid_type")
+    return Reply(status_code=200, body={
+        "id": "modr-" + _digest("\n".join(texts), body.get("model")),
+        "model": body.get("model"),
+        "results": [_moderate(text) for text in texts],
+    })
+
+
+def _moderation_inputs(raw: Any) -> list[str] | None:
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
+        return list(raw)
+    if isinstance(raw, list) and raw and all(isinstance(p, dict) for p in raw):
+        return [" ".join(p["text"] for p in raw if isinstance(p.get("text"), str))]
+    return None
+
+
+def _moderate(text: str) -> dict[str, Any]:
+    lowered = text.lower()
+    flags = {name: name in lowered for name in _MODERATION_CATEGORIES}
+    return {"flagged": any(flags.values()), "categories": flags,
+            "category_scores": {name: 0.99 if hit else 0.0001 for name, hit in flags.items()},
+            "category_applied_input_types": {name: ["text"] for name in _MODERATION_CATEGORIES}}
 
 
 def _vector(text: str, size: int) -> list[float]:
@@ -210,6 +231,7 @@ _HANDLERS: dict[str, Callable[[dict[str, Any], int], Reply]] = {
     "/v1/chat/completions": chat,
     "/v1/completions": completion,
     "/v1/embeddings": embedding,
+    "/v1/moderations": moderation,
 }
 
 

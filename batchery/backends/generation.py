@@ -1,15 +1,15 @@
 """Reading OpenAI chat and completion bodies for the in-process text generators
 (`llama-cpp`, `vllm`), and writing their answers back as OpenAI bodies.
 
-`parse` turns a body into a `Generation` or an error reply (400), so a bad line is an
-error line, never a crashed chunk. The sampling defaults are OpenAI's (temperature 1,
-top_p 1), not the engines' own.
+`parse` turns a body that `batchery.request_schemas` has passed into a `Generation`, or
+into an error reply (400) for what these engines cannot do (tools, several choices,
+images), so such a line is an error line, never a crashed chunk. The sampling defaults
+are OpenAI's (temperature 1, top_p 1), not the engines' own.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,10 +22,8 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 ENDPOINTS = frozenset({CHAT, COMPLETIONS})
 
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 #: Chat templates of open models rarely know `developer`; it means what `system` means.
 _ROLE_ALIASES = {"developer": "system"}
-_MAX_STOPS = 4
 #: Options that change the answer in ways these engines cannot honour: refuse, don't ignore.
 _UNSUPPORTED = ("tools", "functions", "logprobs", "stream")
 #: A deployment option naming a file inside an installed package, resolved on each host.
@@ -72,16 +70,17 @@ def resolve_path(value: str) -> str:
 
 
 def parse(endpoint: str, body: dict[str, Any]) -> Generation | Reply:
-    """Read a chat or completion body; a Reply is the 400 to answer instead."""
+    """Read a chat or completion body that `batchery.request_schemas` has passed; a Reply is
+    the 400 for what these engines cannot do."""
     problem = _check_common(body)
     if problem is not None:
         return problem
     if endpoint == CHAT:
-        messages = _messages(body.get("messages"))
+        messages = _messages(body["messages"])
         if isinstance(messages, Reply):
             return messages
         return _sampling(body, messages=messages)
-    prompts = _prompts(body.get("prompt"))
+    prompts = _prompts(body["prompt"])
     if isinstance(prompts, Reply):
         return prompts
     return _sampling(body, prompts=prompts)
@@ -100,128 +99,71 @@ def _check_common(body: dict[str, Any]) -> Reply | None:
     return None
 
 
-def _messages(raw: Any) -> list[dict[str, str]] | Reply:
-    if not isinstance(raw, list) or not raw:
-        return error_reply(400, "'messages' must be a non-empty array.", param="messages",
-                           code="invalid_value" if isinstance(raw, list) else None)
+def _messages(raw: list[dict[str, Any]]) -> list[dict[str, str]] | Reply:
     messages: list[dict[str, str]] = []
     for i, message in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            return error_reply(400, f"'{where}' must be an object.", param=where,
-                               code="invalid_type")
-        role = message.get("role")
-        if role not in _ROLES:
-            return error_reply(400, f"Invalid value for '{where}.role': expected one of "
-                                    f"{', '.join(sorted(_ROLES))}.", param=f"{where}.role",
-                               code="invalid_value")
         content = _text(message.get("content"))
-        if "content" not in message and role != "assistant":
-            content = None
         if content is None:
-            return error_reply(400, f"'{where}.content' must be a string or an array of "
-                                    f"text parts.", param=f"{where}.content",
-                               code="invalid_type")
-        messages.append({"role": _ROLE_ALIASES.get(role, str(role)), "content": content})
+            return error_reply(400, f"'messages[{i}].content' holds a part that is not text: "
+                                    f"this model reads text only.",
+                               param=f"messages[{i}].content", code="unsupported_value")
+        role = str(message["role"])
+        messages.append({"role": _ROLE_ALIASES.get(role, role), "content": content})
     return messages
 
 
 def _text(content: Any) -> str | None:
-    """A message's content as one string; None when it is not text."""
+    """A message's content as one string; None when it holds a part that is not text."""
     if content is None:
         return ""  # an assistant turn that only called tools
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
+    if not all(part.get("type") == "text" for part in content):
         return None
-    parts = []
-    for part in content:
-        if not (isinstance(part, dict) and part.get("type") == "text"
-                and isinstance(part.get("text"), str)):
-            return None
-        parts.append(part["text"])
-    return "".join(parts)
+    return "".join(part["text"] for part in content)
 
 
-def _prompts(raw: Any) -> list[str] | Reply:
+def _prompts(raw: str | list[Any]) -> list[str] | Reply:
     if isinstance(raw, str):
         return [raw]
-    if isinstance(raw, list) and raw and all(isinstance(p, str) for p in raw):
+    if all(isinstance(p, str) for p in raw):
         return list(raw)
-    return error_reply(400, "'prompt' must be a string or a non-empty array of strings.",
-                       param="prompt", code="invalid_type" if raw is not None
-                       else "missing_required_parameter")
+    return error_reply(400, "'prompt' holds token ids: this model takes text prompts only.",
+                       param="prompt", code="unsupported_value")
 
 
 def _sampling(body: dict[str, Any], *, messages: list[dict[str, str]] | None = None,
-              prompts: list[str] | None = None) -> Generation | Reply:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    checks = {
-        "max_tokens": max_tokens is None or (_is_int(max_tokens) and max_tokens >= 1),
-        "temperature": _in_range(body.get("temperature"), 0, 2),
-        "top_p": _in_range(body.get("top_p"), 0, 1),
-        "presence_penalty": _in_range(body.get("presence_penalty"), -2, 2),
-        "frequency_penalty": _in_range(body.get("frequency_penalty"), -2, 2),
-        "seed": body.get("seed") is None or _is_int(body.get("seed")),
-    }
-    for name, ok in checks.items():
-        if not ok:
-            return error_reply(400, f"Invalid value for '{name}'.", param=name,
-                               code="invalid_value")
-    stop = _stop(body.get("stop"))
-    schema = _json_schema(body.get("response_format"))
-    if isinstance(stop, Reply):
-        return stop
-    if isinstance(schema, Reply):
-        return schema
+              prompts: list[str] | None = None) -> Generation:
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     return Generation(
         messages=messages, prompts=prompts or [], max_tokens=max_tokens,
         temperature=_float(body.get("temperature"), 1.0), top_p=_float(body.get("top_p"), 1.0),
-        stop=stop, seed=body.get("seed"), json_schema=schema,
+        stop=_stop(body.get("stop")), seed=body.get("seed"),
+        json_schema=_json_schema(body.get("response_format")),
         presence_penalty=_float(body.get("presence_penalty"), 0.0),
         frequency_penalty=_float(body.get("frequency_penalty"), 0.0))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _in_range(value: Any, low: float, high: float) -> bool:
-    if value is None:
-        return True
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value) and low <= value <= high)
 
 
 def _float(value: Any, default: float) -> float:
     return default if value is None else float(value)
 
 
-def _stop(raw: Any) -> list[str] | Reply:
-    if raw is None:
-        return []
-    stops = [raw] if isinstance(raw, str) else raw
-    if (not isinstance(stops, list) or len(stops) > _MAX_STOPS
-            or not all(isinstance(s, str) and s for s in stops)):
-        return error_reply(400, f"'stop' must be a string or an array of at most "
-                                f"{_MAX_STOPS} non-empty strings.", param="stop",
-                           code="invalid_value")
-    return list(stops)
+def _stop(raw: str | list[str] | None) -> list[str]:
+    stops = [] if raw is None else [raw] if isinstance(raw, str) else raw
+    # An empty stop string would end every answer before its first token.
+    return [s for s in stops if s]
 
 
-def _json_schema(raw: Any) -> dict[str, Any] | Reply | None:
-    if raw is None or (isinstance(raw, dict) and raw.get("type") == "text"):
+def _json_schema(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """None (free text), or the schema the answer must follow ({} for any JSON object)."""
+    if raw is None or raw["type"] == "text":
         return None
-    if isinstance(raw, dict) and raw.get("type") == "json_object":
+    if raw["type"] == "json_object":
         return {}
-    if isinstance(raw, dict) and raw.get("type") == "json_schema":
-        schema = (raw.get("json_schema") or {}).get("schema")
-        if isinstance(schema, dict):
-            return schema
-    return error_reply(400, "'response_format' must be {'type': 'text'}, {'type': "
-                            "'json_object'} or {'type': 'json_schema', 'json_schema': "
-                            "{'schema': {...}}}.", param="response_format",
-                       code="invalid_value")
+    schema: dict[str, Any] = raw["json_schema"].get("schema") or {}
+    return schema
 
 
 def refusal(exc: Exception) -> Reply | None:

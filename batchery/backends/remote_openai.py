@@ -12,7 +12,14 @@ import orjson
 
 from batchery.backends import remote_common
 from batchery.backends.remote_common import call
-from batchery.batches import SUPPORTED_ENDPOINTS, TERMINAL, Batch, BatchError, BatchStatus
+from batchery.batches import (
+    SUPPORTED_ENDPOINTS,
+    TERMINAL,
+    Batch,
+    BatchError,
+    BatchStatus,
+    canonical_endpoint,
+)
 from batchery.exceptions import BackendError
 from batchery.remote import Progress, RemoteBatchBackend
 
@@ -39,16 +46,17 @@ class OpenAIBatchBackend(RemoteBatchBackend):
             uploaded = call(self._client, "POST", "files", data={"purpose": "batch"},
                             files={"file": (f"{batch.id}.jsonl", upload, "application/jsonl")})
         job: dict[str, Any] = call(self._client, "POST", "batches", json={
-            "input_file_id": uploaded["id"], "endpoint": batch.endpoint,
+            "input_file_id": uploaded["id"], "endpoint": canonical_endpoint(batch.endpoint),
             "completion_window": self.completion_window,
             "metadata": {"batchery_batch_id": batch.id}})
         return job
 
     def _rewrite(self, raw: bytes) -> bytes:
-        if self.model is None:
-            return raw if raw.endswith(b"\n") else raw + b"\n"
         line = orjson.loads(raw)
-        line["body"]["model"] = self.model
+        # The provider gets the `/v1` spelling: it may not know Azure's (`/chat/completions`).
+        line["url"] = canonical_endpoint(line["url"])
+        if self.model is not None:
+            line["body"]["model"] = self.model
         return orjson.dumps(line) + b"\n"
 
     def refresh(self, job: dict[str, Any]) -> dict[str, Any]:

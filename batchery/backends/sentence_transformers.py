@@ -30,8 +30,6 @@ from batchery.backends.generation import resolve_path
 from batchery.exceptions import ConfigError
 
 ENDPOINT = "/v1/embeddings"
-#: The OpenAI API's limit on inputs per request.
-MAX_INPUTS = 2048
 Vectors = np.ndarray[Any, np.dtype[np.float32]]
 
 
@@ -142,25 +140,18 @@ class SentenceTransformersBackend(ModelBackend):
 
 
 def _parse(body: dict[str, Any], dim: int) -> _Job | Reply:
-    raw = body.get("input")
+    """Read a body that `batchery.request_schemas` has passed; a Reply is the 400 for what
+    this model cannot do (token ids, more dimensions than it has)."""
+    raw = body["input"]
     texts = [raw] if isinstance(raw, str) else raw
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        return error_reply(400, "'input' must be a string or a non-empty array of strings "
-                                "(token arrays are not supported by this model).",
-                           param="input", code="invalid_type")
-    if len(texts) > MAX_INPUTS:
-        return error_reply(400, f"'input' may hold at most {MAX_INPUTS} strings.",
-                           param="input", code="invalid_value")
-    fmt = body.get("encoding_format") or "float"
-    if fmt not in ("float", "base64"):
-        return error_reply(400, "'encoding_format' must be 'float' or 'base64'.",
-                           param="encoding_format", code="invalid_value")
+    if not all(isinstance(t, str) for t in texts):
+        return error_reply(400, "'input' holds token ids: this model takes text only.",
+                           param="input", code="unsupported_value")
     size = body.get("dimensions")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool)
-                             or not 1 <= size <= dim):
-        return error_reply(400, f"'dimensions' must be an integer from 1 to {dim} for this "
-                                f"model.", param="dimensions", code="invalid_value")
-    return _Job(texts=texts, fmt=fmt, dimensions=size)
+    if size is not None and size > dim:
+        return error_reply(400, f"'dimensions' must be at most {dim} for this model.",
+                           param="dimensions", code="invalid_value")
+    return _Job(texts=texts, fmt=body.get("encoding_format") or "float", dimensions=size)
 
 
 def _encode(vector: Vectors, fmt: str) -> list[float] | str:

@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize(("package", "major", "suite"), [
     ("openai", "1", "test_openai_sdk.py"),
+    ("openai", "1", "test_line_validation.py"),
+    ("openai", "1", "test_responses_batches.py"),
+    ("openai", "1", "test_azure_sdk.py"),
     ("anthropic", "0", "test_anthropic_sdk.py"),
 ])
 def test_older_major_passes_the_same_suite(package: str, major: str, suite: str) -> None:

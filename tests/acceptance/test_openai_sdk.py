@@ -182,7 +182,7 @@ def test_every_validation_error_is_reported_with_its_line(client: OpenAI) -> Non
         (4, "missing_required_parameter", "method"),
         (5, "missing_required_parameter", "url"),
         (6, "missing_required_parameter", "body"),
-        (7, "missing_required_parameter", "body.model"),
+        (7, "invalid_request", "body.model"),
         (8, "invalid_url", "url"),
         (9, "duplicate_custom_id", "custom_id"),
         (10, "streaming_unsupported", "body.stream"),
@@ -216,7 +216,8 @@ def test_create_time_errors(client: OpenAI) -> None:
         client.batches.create(input_file_id=f.id, endpoint="/v1/images/generations",  # type: ignore[arg-type]
                               completion_window="24h")
     assert info.value.code == "invalid_value" and info.value.param == "endpoint"
-    assert "'/v1/chat/completions', '/v1/completions', and '/v1/embeddings'" in str(info.value)
+    assert ("Supported values are: '/v1/chat/completions', '/v1/completions', '/v1/embeddings', "
+            "'/v1/moderations', and '/v1/responses'.") in str(info.value)
     with pytest.raises(openai.BadRequestError) as info:
         client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                               completion_window="forever")  # type: ignore[arg-type]

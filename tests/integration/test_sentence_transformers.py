@@ -132,14 +132,12 @@ def test_dimensions_truncate_and_renormalise(backend: SentenceTransformersBacken
     assert np.allclose(got, head / np.linalg.norm(head), atol=1e-6)
 
 
+# Shapes are checked before a backend (`request_schemas`): what is left here is what this
+# model cannot do.
 @pytest.mark.parametrize(("body", "param"), [
-    ({}, "input"),
-    ({"input": []}, "input"),
     ({"input": [101, 2023]}, "input"),
-    ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": [[101, 2023]]}, "input"),
     ({"input": "x", "dimensions": 385}, "dimensions"),
-    ({"input": "x", "dimensions": 0}, "dimensions"),
-    ({"input": "x", "dimensions": True}, "dimensions"),
 ])
 def test_bad_bodies_are_400_replies_beside_good_ones(
         backend: SentenceTransformersBackend, body: dict[str, Any], param: str) -> None:

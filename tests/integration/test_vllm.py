@@ -108,15 +108,16 @@ def test_sampling_options_reach_the_engine() -> None:
 
 def test_completions_and_bad_bodies() -> None:
     backend = FakeVllm(model="any")
-    both, bad_n, wizard = infer(
+    both, bad_n, token_ids = infer(
         backend, {"prompt": ["one two", "three"]}, {"prompt": "x", "n": 3},
-        {"prompt": 5}, endpoint=COMPLETIONS)
+        {"prompt": [5, 6]}, endpoint=COMPLETIONS)
     assert [c["text"] for c in both.body["choices"]] == ["answer 2", "answer 1"]
     assert both.body["usage"]["prompt_tokens"] == 3
     assert bad_n.status_code == 400 and bad_n.body["error"]["param"] == "n"
-    assert wizard.status_code == 400 and wizard.body["error"]["param"] == "prompt"
-    (role,) = infer(backend, {"messages": [{"role": "wizard", "content": "x"}]})
-    assert role.status_code == 400
+    assert token_ids.status_code == 400 and token_ids.body["error"]["param"] == "prompt"
+    (image,) = infer(backend, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]})
+    assert image.status_code == 400
     assert len(backend.fake.params) == 2, "bad bodies never reach the engine"
 
 

@@ -736,7 +736,7 @@ LINES = [
     line_case("body-missing", [_line(body=None)], ("missing_required_parameter", "body", 1)),
     line_case("body-string", [_line(body="hi")], ("invalid_request", "body", 1)),
     line_case("model-missing", [_body(model=None)],
-              ("missing_required_parameter", "body.model", 1)),
+              ("invalid_request", "body.model", 1)),
     line_case("model-unknown", [_body(model="nonexistent-model-xyz")],
               ("model_not_found", "body.model", 1)),
     line_case("model-number", [_body(model=5)], ("model_not_found", "body.model", 1)),

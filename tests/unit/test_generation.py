@@ -52,25 +52,28 @@ def test_sampling_fields() -> None:
     assert isinstance(json_object, Generation) and json_object.json_schema == {}
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"max_tokens": True}, "max_tokens"),
-    ({"max_tokens": 1.5}, "max_tokens"),
-    ({"temperature": float("nan")}, "temperature"),
-    ({"temperature": "hot"}, "temperature"),
-    ({"top_p": 1.1}, "top_p"),
-    ({"seed": "1"}, "seed"),
-    ({"presence_penalty": 3}, "presence_penalty"),
-    ({"stop": [""]}, "stop"),
-    ({"stop": 5}, "stop"),
-    ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
-    ({"n": 2}, "n"),
-    ({"tools": [{"type": "function"}]}, "tools"),
-    ({"logprobs": True}, "logprobs"),
-])
-def test_bad_sampling_fields_are_400(body: dict[str, Any], param: str) -> None:
-    reply = chat(**body)
-    assert isinstance(reply, Reply) and reply.status_code == 400
-    assert reply.body["error"]["param"] == param
+def test_what_shapes_allow_but_the_engines_cannot_do_is_400() -> None:
+    """Shapes are checked before a backend (`request_schemas`): only the parameters and
+    inputs these engines cannot honour are refused here."""
+    cases = [
+        (chat(n=2), "n"),
+        (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (chat(logprobs=True), "logprobs"),
+        (generation.parse(generation.CHAT, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:,"}}]}]}), "messages[0].content"),
+        (generation.parse(generation.COMPLETIONS, {"prompt": [1, 2]}), "prompt"),
+        (generation.parse(generation.COMPLETIONS, {"prompt": "a", "best_of": 3}), "best_of"),
+    ]
+    for reply, param in cases:
+        assert isinstance(reply, Reply) and reply.status_code == 400, param
+        assert reply.body["error"]["param"] == param
+
+
+def test_empty_stops_are_dropped_and_a_schema_may_be_left_out() -> None:
+    gen = chat(stop=["", "END"], max_tokens=5, max_completion_tokens=None,
+               response_format={"type": "json_schema", "json_schema": {"name": "any"}})
+    assert isinstance(gen, Generation)
+    assert (gen.stop, gen.max_tokens, gen.json_schema) == (["END"], 5, {})
 
 
 def test_completion_prompts() -> None:
@@ -78,9 +81,6 @@ def test_completion_prompts() -> None:
     many = generation.parse(generation.COMPLETIONS, {"prompt": ["a", "b"]})
     assert isinstance(one, Generation) and one.prompts == ["a"] and one.messages is None
     assert isinstance(many, Generation) and many.prompts == ["a", "b"]
-    for bad in ({}, {"prompt": []}, {"prompt": [1, 2]}):
-        reply = generation.parse(generation.COMPLETIONS, bad)
-        assert isinstance(reply, Reply) and reply.body["error"]["param"] == "prompt"
 
 
 def test_usage_adds_up_over_choices() -> None:

@@ -12,9 +12,10 @@ ENDPOINT = "/v1/chat/completions"
 
 
 def run(data: bytes, *, max_tasks: int = 1000, chunk_size: int = 10,
-        known: tuple[str, ...] = ("echo",), reread: bool = True) -> validation.Report:
+        known: tuple[str, ...] = ("echo",), reread: bool = True,
+        endpoint: str = ENDPOINT) -> validation.Report:
     return validation.validate(
-        validation.iter_lines(io.BytesIO(data)), endpoint=ENDPOINT,
+        validation.iter_lines(io.BytesIO(data)), endpoint=endpoint,
         model_known=set(known).__contains__, max_tasks=max_tasks, chunk_size=chunk_size,
         reread=(lambda: validation.iter_lines(io.BytesIO(data))) if reread else None)
 
@@ -53,6 +54,8 @@ def test_no_trailing_newline() -> None:
     ({**chat_line("a"), "url": "/v1/completions"}, "invalid_url", "url"),
     (chat_line("a", stream=True), "streaming_unsupported", "body.stream"),
     (chat_line("a", model="gpt-9"), "model_not_found", "body.model"),
+    (chat_line("a", model=None), "invalid_request", "body.model"),
+    (chat_line("a", messages=None), "invalid_request", "body.messages"),
 ])
 def test_line_errors(line: Any, code: str, param: str | None) -> None:
     report = run(jsonl([line]))
@@ -92,3 +95,68 @@ def test_memory_per_line_is_a_hash_not_the_line() -> None:
     data = chat_file(5000)
     report = run(data, max_tasks=10_000, chunk_size=1000)
     assert report.ok and len(report.chunks) == 5
+
+
+def line_for(url: str, custom_id: str, **body: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def errors_of(report: validation.Report) -> list[tuple[int | None, str, str | None, str]]:
+    return [(e.line, e.code, e.param, e.message) for e in report.errors]
+
+
+def test_every_missing_field_of_every_line_is_reported() -> None:
+    no_model = chat_line("a")
+    del no_model["body"]["model"]
+    no_messages = chat_line("b")
+    del no_messages["body"]["messages"]
+    data = jsonl([no_model, no_messages, chat_line("c"), line_for(ENDPOINT, "d"),
+                  chat_line("e", model=None, messages=None)])
+    model = ("invalid_request", "body.model", "Model parameter is required.")
+    messages = ("invalid_request", "body.messages", "Messages parameter is required.")
+    assert errors_of(run(data)) == [(1, *model), (2, *messages), (4, *model),
+                                    (4, *messages), (5, *model), (5, *messages)]
+
+
+@pytest.mark.parametrize(("endpoint", "field"), [
+    ("/v1/completions", "prompt"), ("/v1/embeddings", "input"), ("/v1/responses", "input"),
+    ("/v1/moderations", "input"),
+])
+def test_each_endpoint_requires_its_own_input(endpoint: str, field: str) -> None:
+    data = jsonl([line_for(endpoint, "ok", model="echo", **{field: "hi"}),
+                  line_for(endpoint, "bad", model="echo", messages=USER)])
+    report = run(data, endpoint=endpoint)
+    assert errors_of(report) == [(2, "invalid_request", f"body.{field}",
+                                  f"{field.capitalize()} parameter is required.")]
+
+
+def test_the_missing_cap_counts_every_line() -> None:
+    no_messages = chat_line("x")
+    del no_messages["body"]["messages"]
+    report = run(jsonl([{**no_messages, "custom_id": f"r{i}"} for i in range(250)]))
+    assert report.error_count == 250 and len(report.errors) == 100
+    assert {e.param for e in report.errors} == {"body.messages"}
+    assert [e.line for e in report.errors] == list(range(1, 101))
+
+
+def test_messages_are_the_hosted_apis() -> None:
+    data = jsonl([chat_line("a", model="nonexistent-model-xyz"),
+                  {**chat_line("b"), "url": "/v1/embeddings"},
+                  chat_line("c", stream=True)])
+    assert [e.message for e in run(data).errors] == [
+        "The provided model 'nonexistent-model-xyz' is not supported by the Batch API.",
+        "The URL provided for this request does not match the batch endpoint.",
+        "Chat Completions: Streaming is not supported in the Batch API.",
+    ]
+
+
+def test_wrong_shapes_pass_validation_to_be_400_lines() -> None:
+    """A body of the wrong shape does not fail the batch: it runs, as a 400 line of the
+    error file (`request_schemas`, checked before any backend)."""
+    data = jsonl([chat_line("a", messages=[{"rolez": "user", "contentz": "hi"}]),
+                  chat_line("b", temperature=9), chat_line("c", messages=[])])
+    report = run(data)
+    assert report.ok and report.total == 3 and report.models == {"echo"}
+
+
+USER = [{"role": "user", "content": "hi"}]

@@ -29,7 +29,9 @@ _CREATE_BODY = {"required": True, "content": {"application/json": {"schema": {
     "properties": {
         "input_file_id": {"type": "string",
                           "description": "A file uploaded with purpose 'batch'."},
-        "endpoint": {"type": "string", "enum": list(SUPPORTED_ENDPOINTS)},
+        # Azure OpenAI's spelling, without `/v1`, is accepted too.
+        "endpoint": {"type": "string", "enum": [*SUPPORTED_ENDPOINTS, *(
+            e.removeprefix("/v1") for e in SUPPORTED_ENDPOINTS)]},
         "completion_window": {"type": "string", "pattern": _WINDOW, "default": "24h"},
         "metadata": {"type": ["object", "null"], "maxProperties": MAX_METADATA_PAIRS,
                      "propertyNames": {"maxLength": 64},

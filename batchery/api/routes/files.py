@@ -16,6 +16,7 @@ from batchery.api.deps import Project, Service
 from batchery.api.responses import ok, stream
 from batchery.exceptions import InvalidRequest, TooLarge
 from batchery.files import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S, UPLOAD_PURPOSES
+from batchery.service import BatchService
 
 router = APIRouter()
 _BLOCK = 1 << 20
@@ -41,6 +42,13 @@ def _field(form: Any, name: str) -> str | None:
 @router.post("/files", responses=ok(wire.FileObject, "The stored file."),
              openapi_extra={"requestBody": _UPLOAD_FORM})
 async def create_file(request: Request, project: Project, service: Service) -> Any:
+    return await store_upload(request, project, service)
+
+
+async def store_upload(request: Request, project: str, service: BatchService, *,
+                       min_expires_after_s: int = MIN_EXPIRES_AFTER_S) -> Any:
+    """Store the uploaded file. `min_expires_after_s`: the shortest expiry allowed, which
+    Azure's paths raise to Azure's 14 days."""
     try:
         form = await request.form(max_part_size=1 << 20)
     except TooLarge:
@@ -57,7 +65,7 @@ async def create_file(request: Request, project: Project, service: Service) -> A
         if not purpose:
             raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose",
                                  code="missing_required_parameter")
-        seconds = _expires_after(form)
+        seconds = _expires_after(form, min_expires_after_s)
         record = await run_in_threadpool(service.upload, project, upload.file,
                                          filename=upload.filename or "upload",
                                          purpose=purpose, expires_after_s=seconds,
@@ -68,7 +76,7 @@ async def create_file(request: Request, project: Project, service: Service) -> A
     return wire.file_object(record)
 
 
-def _expires_after(form: Any) -> int | None:
+def _expires_after(form: Any, min_seconds: int) -> int | None:
     anchor = _field(form, "expires_after[anchor]")
     seconds = _field(form, "expires_after[seconds]")
     if anchor is not None and anchor != "created_at":
@@ -77,10 +85,15 @@ def _expires_after(form: Any) -> int | None:
     if seconds is None:
         return None
     try:
-        return int(seconds)
+        value = int(seconds)
     except ValueError:
         raise InvalidRequest("'expires_after.seconds' must be an integer.",
                              param="expires_after.seconds", code="invalid_type") from None
+    if not min_seconds <= value <= MAX_EXPIRES_AFTER_S:
+        raise InvalidRequest(f"'expires_after.seconds' must be between {min_seconds} and "
+                             f"{MAX_EXPIRES_AFTER_S}; got {value}.",
+                             param="expires_after.seconds", code="invalid_value")
+    return value
 
 
 @router.get("/files", responses=ok(wire.FileList, "The project's files, a page of them."))

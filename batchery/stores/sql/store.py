@@ -124,12 +124,17 @@ class SqlStore(SqlJobStore, SqlWebhookStore, Store):
 
     def list_batches(self, project: str, *, after: str | None, limit: int,
                      before: str | None = None, endpoint: str | None = None,
-                     exclude_endpoint: str | None = None) -> Page[Batch]:
+                     exclude_endpoint: str | None = None, id_prefix: str | None = None,
+                     exclude_id_prefix: str | None = None) -> Page[Batch]:
         query = batches.select().where(batches.c.project == project)
         if endpoint is not None:
             query = query.where(batches.c.endpoint == endpoint)
         if exclude_endpoint is not None:
             query = query.where(batches.c.endpoint != exclude_endpoint)
+        if id_prefix is not None:
+            query = query.where(batches.c.id.startswith(id_prefix, autoescape=True))
+        if exclude_id_prefix is not None:
+            query = query.where(~batches.c.id.startswith(exclude_id_prefix, autoescape=True))
         if before:
             # The page just newer than `before`: read upwards, then present newest first.
             rows = self._page(query, batches, project, before, limit, descending=False)

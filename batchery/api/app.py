@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchery import __version__, ids
+from batchery import __version__, ids, ui
 from batchery.api import bodies, errors, metrics
 from batchery.api.responses import JSONResponse
 from batchery.api.routes import azure, batches, files, gemini, jobs, messages, models, webhooks
@@ -62,7 +62,8 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None,
         if on_shutdown is not None:
             await run_in_threadpool(on_shutdown)
 
-    app = BatcheryAPI(title="Batchery", version=__version__,
+    # /docs is the dashboard's offline page (FastAPI's loads Swagger UI from a CDN).
+    app = BatcheryAPI(title="Batchery", version=__version__, docs_url=None, redoc_url=None,
                       default_response_class=JSONResponse, lifespan=lifespan)
     app.state.runtime = runtime
     app.state.service = runtime.service
@@ -86,6 +87,7 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None,
     def healthz() -> Any:
         return {"status": "ok", "version": __version__}
 
+    ui.install(app)  # the dashboard at /ui, `/` -> /ui, and the offline /docs
     metrics.install(app, runtime.store)
     app.add_middleware(RequestIdMiddleware)
     return app

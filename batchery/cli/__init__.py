@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from batchery import __version__
 from batchery.cli import client, jobs, keys, offline, server, webhooks
 
 app = typer.Typer(help="Batchery: self-hosted batch inference.", no_args_is_help=True,
@@ -16,6 +19,21 @@ app.add_typer(keys.keys_app, name="keys")
 app.add_typer(jobs.jobs_app, name="jobs")
 app.add_typer(webhooks.webhooks_app, name="webhooks")
 app.command()(jobs.logs)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"batchery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the version and exit.")] = False,
+) -> None:
+    """Batchery: self-hosted batch inference."""
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +102,9 @@ class Server:
 
 
 def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
-                 name: str = "server") -> Server:
+                 name: str = "server", base_env: dict[str, str] | None = None) -> Server:
+    """`batchery serve` on a free port, ready to answer. Its environment is `base_env`
+    (this process's by default) with `env` on top."""
     port = free_port()
     data_dir = tmp_path / f"{name}-data"
     log_path = tmp_path / f"{name}.log"
@@ -110,7 +112,8 @@ def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
            "--data-dir", str(data_dir), *args]
     with log_path.open("wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
+                                   env={**(os.environ if base_env is None else base_env),
+                                        **(env or {})})
     server = Server(base_url=f"http://127.0.0.1:{port}", data_dir=data_dir, process=process,
                     log_path=log_path, args=list(args))
     deadline = time.monotonic() + 60
@@ -125,6 +128,24 @@ def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
         time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"server did not start:\n{server.log()}")
+
+
+def start_provider_pair(tmp: Path, provider_config: str,
+                        ours_config: Callable[[Server], str]) -> tuple[Server, Server, str]:
+    """A Batchery acting as a hosted provider (with a key of its own), and ours, whose
+    config (`ours_config(provider)`) reads that key from `PROVIDER_KEY`: the remote
+    connectors' suites run against this pair."""
+    from batchery.auth import add_key
+
+    keys = tmp / "keys.yaml"
+    _, key = add_key(keys, "provider-side")
+    (tmp / "provider.yaml").write_text(provider_config)
+    provider = start_server(tmp, "--keys-file", str(keys), "--config", str(tmp / "provider.yaml"),
+                            "--workers", "2", "--chunk-size", "10", name="provider")
+    (tmp / "ours.yaml").write_text(ours_config(provider))
+    ours = start_server(tmp, "--config", str(tmp / "ours.yaml"), "--workers", "1",
+                        env={"PROVIDER_KEY": key}, name="ours")
+    return ours, provider, key
 
 
 @pytest.fixture

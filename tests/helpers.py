@@ -1,7 +1,9 @@
-"""Builders of batch input files for tests."""
+"""Builders of batch input files for tests, and small network helpers shared by suites."""
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,3 +42,48 @@ def jsonl(lines: Iterable[Any]) -> bytes:
 
 def chat_file(n: int, prefix: str = "req", model: str = "echo") -> bytes:
     return jsonl(chat_line(f"{prefix}-{i}", f"hello number {i}", model=model) for i in range(n))
+
+
+class Listener:
+    """A TCP port that records every connection made to it: an internal service a caller
+    might try to make the server reach."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(16)
+        self._socket.settimeout(0.2)
+        self.port: int = self._socket.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="listener", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._socket.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
+
+
+class Recorder:
+    """Keeps every response a client saw, to check that a credential never shows."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    def hook(self, response: Any) -> None:
+        response.read()
+        self.bodies.append(response.content + str(response.headers).encode())
+
+    def assert_never_contains(self, secret: str) -> None:
+        assert self.bodies
+        assert not any(secret.encode() in body for body in self.bodies)

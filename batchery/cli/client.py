@@ -47,7 +47,8 @@ def _check(response: httpx.Response) -> Any:
     raise typer.Exit(1)
 
 
-def _request(base_url: str, api_key: str, method: str, path: str, **kwargs: Any) -> Any:
+def request(base_url: str, api_key: str, method: str, path: str, **kwargs: Any) -> Any:
+    """Call the API; an error becomes one line on stderr and exit status 1."""
     try:
         with _client(base_url, api_key) as client:
             return _check(client.request(method, path, **kwargs))
@@ -66,7 +67,7 @@ def upload(path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
            api_key: ApiKey = "batchery") -> None:
     """Upload a file."""
     with path.open("rb") as f:
-        data = _request(base_url, api_key, "POST", "files", data={"purpose": purpose},
+        data = request(base_url, api_key, "POST", "files", data={"purpose": purpose},
                         files={"file": (path.name, f, "application/jsonl")})
     _print_json(data)
 
@@ -76,7 +77,7 @@ def list_files(purpose: str | None = None, limit: int = 100, base_url: BaseUrl =
                api_key: ApiKey = "batchery") -> None:
     """List files, newest first."""
     params: dict[str, Any] = {"limit": limit, **({"purpose": purpose} if purpose else {})}
-    data = _request(base_url, api_key, "GET", "files", params=params)
+    data = request(base_url, api_key, "GET", "files", params=params)
     table = Table("filename", "purpose", "bytes", "created")
     table.add_column("id", no_wrap=True, min_width=27)
     for f in data["data"]:
@@ -110,7 +111,7 @@ def download(file_id: str, output: Annotated[Path, typer.Option("-o", "--output"
 @files_app.command("delete")
 def delete(file_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
     """Delete a file."""
-    _print_json(_request(base_url, api_key, "DELETE", f"files/{file_id}"))
+    _print_json(request(base_url, api_key, "DELETE", f"files/{file_id}"))
 
 
 @batches_app.command("create")
@@ -124,14 +125,14 @@ def create(input_file_id: Annotated[str, typer.Option("--input-file-id", "-i")],
                             "completion_window": completion_window}
     if metadata:
         body["metadata"] = dict(item.split("=", 1) for item in metadata)
-    _print_json(_request(base_url, api_key, "POST", "batches", json=body))
+    _print_json(request(base_url, api_key, "POST", "batches", json=body))
 
 
 @batches_app.command("list")
 def list_batches(limit: int = 20, base_url: BaseUrl = DEFAULT_URL,
                  api_key: ApiKey = "batchery") -> None:
     """List batches, newest first."""
-    data = _request(base_url, api_key, "GET", "batches", params={"limit": limit})
+    data = request(base_url, api_key, "GET", "batches", params={"limit": limit})
     table = Table()
     table.add_column("id", no_wrap=True, min_width=38)
     for name in ("status", "endpoint", "total", "completed", "failed"):
@@ -146,13 +147,13 @@ def list_batches(limit: int = 20, base_url: BaseUrl = DEFAULT_URL,
 @batches_app.command("get")
 def get(batch_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
     """Show a batch."""
-    _print_json(_request(base_url, api_key, "GET", f"batches/{batch_id}"))
+    _print_json(request(base_url, api_key, "GET", f"batches/{batch_id}"))
 
 
 @batches_app.command("cancel")
 def cancel(batch_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
     """Cancel a batch; finished lines are kept."""
-    _print_json(_request(base_url, api_key, "POST", f"batches/{batch_id}/cancel"))
+    _print_json(request(base_url, api_key, "POST", f"batches/{batch_id}/cancel"))
 
 
 @batches_app.command("wait")
@@ -162,7 +163,7 @@ def wait(batch_id: str, interval: float = 1.0, timeout: float | None = None,
     deadline = time.monotonic() + timeout if timeout else None
     with BatchProgress(console=errors) as progress:
         while True:
-            batch = _request(base_url, api_key, "GET", f"batches/{batch_id}")
+            batch = request(base_url, api_key, "GET", f"batches/{batch_id}")
             counts = batch["request_counts"]
             progress.update(batch["status"], counts["total"], counts["completed"],
                             counts["failed"])

@@ -16,39 +16,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from batchery.cli.client import DEFAULT_URL, ApiKey, BaseUrl, request
+
 webhooks_app = typer.Typer(help="Webhook endpoints: create, list, rotate secrets, send test "
                                 "events, read delivery attempts.", no_args_is_help=True)
 console = Console()
-errors = Console(stderr=True)
 
-BaseUrl = Annotated[str, typer.Option("--base-url", envvar="BATCHERY_BASE_URL",
-                                      help="The server's /v1 URL.")]
-ApiKey = Annotated[str, typer.Option("--api-key", envvar="BATCHERY_API_KEY",
-                                     help="API key (any value when the server has none).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the server's JSON answer.")]
-DEFAULT_URL = "http://127.0.0.1:8000/v1"
-#: `test` waits for a worker to deliver the sample event: give it the server's time.
-_TIMEOUT_S = 60.0
-
-
-def _call(base_url: str, api_key: str, method: str, path: str, **kwargs: Any) -> Any:
-    try:
-        with httpx.Client(base_url=base_url.rstrip("/") + "/", timeout=_TIMEOUT_S,
-                          headers={"Authorization": f"Bearer {api_key}"}) as client:
-            response = client.request(method, path, **kwargs)
-    except httpx.TransportError as exc:
-        errors.print(f"[red]error:[/red] cannot reach {base_url}: {escape(str(exc))}")
-        raise typer.Exit(1) from None
-    if response.is_success:
-        return response.json()
-    try:
-        error = response.json()["error"]
-        message = error["message"] + (f" (param: {error['param']})" if error.get("param")
-                                      else "")
-    except (ValueError, KeyError, TypeError):
-        message = response.text
-    errors.print(f"[red]error {response.status_code}:[/red] {escape(message)}")
-    raise typer.Exit(1)
 
 
 def _print_json(data: Any) -> None:
@@ -72,14 +46,14 @@ def create(
     """Create an endpoint: prints it with its signing secret (shown this once)."""
     body = {"name": name or httpx.URL(url).host or url, "url": url,
             "event_types": event_types}
-    _print_json(_call(base_url, api_key, "POST", "webhook_endpoints", json=body))
+    _print_json(request(base_url, api_key, "POST", "webhook_endpoints", json=body))
 
 
 @webhooks_app.command("list")
 def list_endpoints(limit: int = 100, as_json: AsJson = False, base_url: BaseUrl = DEFAULT_URL,
                    api_key: ApiKey = "batchery") -> None:
     """List the project's endpoints, newest first."""
-    data = _call(base_url, api_key, "GET", "webhook_endpoints", params={"limit": limit})
+    data = request(base_url, api_key, "GET", "webhook_endpoints", params={"limit": limit})
     if as_json:
         _print_json(data)
         return
@@ -101,7 +75,7 @@ def rotate(
 ) -> None:
     """Rotate an endpoint's signing secret: prints the new one (shown this once)."""
     body = {"keep_old_secret_active_for_24_hours": keep_old}
-    _print_json(_call(base_url, api_key, "POST", f"webhook_endpoints/{endpoint_id}/"
+    _print_json(request(base_url, api_key, "POST", f"webhook_endpoints/{endpoint_id}/"
                                                  "rotate_secret", json=body))
 
 
@@ -114,7 +88,7 @@ def test(
     base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery",
 ) -> None:
     """Send a sample event through a worker; print the receiver's status (exit 1 if not 2xx)."""
-    result = _call(base_url, api_key, "POST", f"webhook_endpoints/{endpoint_id}/test",
+    result = request(base_url, api_key, "POST", f"webhook_endpoints/{endpoint_id}/test",
                    json={"event_type": event_type})
     code = result["status_code"]
     typer.echo(f"{event_type} -> {endpoint_id}: HTTP {code}")
@@ -131,7 +105,7 @@ def deliveries(
 ) -> None:
     """The endpoint's recent delivery attempts, newest first."""
     params: dict[str, Any] = {"limit": limit, **({"event_id": event_id} if event_id else {})}
-    data = _call(base_url, api_key, "GET", f"webhook_endpoints/{endpoint_id}/deliveries",
+    data = request(base_url, api_key, "GET", f"webhook_endpoints/{endpoint_id}/deliveries",
                  params=params)
     if as_json:
         _print_json(data)
@@ -151,7 +125,7 @@ def deliveries(
 def redeliver(endpoint_id: str, event_id: str, base_url: BaseUrl = DEFAULT_URL,
               api_key: ApiKey = "batchery") -> None:
     """Queue an event to the endpoint again (same webhook-id)."""
-    _print_json(_call(base_url, api_key, "POST",
+    _print_json(request(base_url, api_key, "POST",
                       f"webhook_endpoints/{endpoint_id}/deliveries/{event_id}/redeliver"))
 
 
@@ -159,4 +133,4 @@ def redeliver(endpoint_id: str, event_id: str, base_url: BaseUrl = DEFAULT_URL,
 def delete(endpoint_id: str, base_url: BaseUrl = DEFAULT_URL,
            api_key: ApiKey = "batchery") -> None:
     """Delete an endpoint, with its pending deliveries."""
-    _print_json(_call(base_url, api_key, "DELETE", f"webhook_endpoints/{endpoint_id}"))
+    _print_json(request(base_url, api_key, "DELETE", f"webhook_endpoints/{endpoint_id}"))

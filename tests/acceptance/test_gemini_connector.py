@@ -15,9 +15,8 @@ import orjson
 import pytest
 from openai import OpenAI
 
-from batchery.auth import add_key
-from tests.conftest import Server, start_server
-from tests.helpers import chat_file
+from tests.conftest import Server, start_provider_pair, start_server
+from tests.helpers import Recorder, chat_file
 
 genai = pytest.importorskip("google.genai")
 
@@ -46,32 +45,10 @@ deployments:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server, str]]:
     tmp = tmp_path_factory.mktemp("gemini")
-    keys = tmp / "keys.yaml"
-    _, key = add_key(keys, "provider-side")
-    (tmp / "provider.yaml").write_text(PROVIDER_CONFIG)
-    provider = start_server(tmp, "--keys-file", str(keys), "--config", str(tmp / "provider.yaml"),
-                            "--workers", "2", "--chunk-size", "10", name="provider")
-    (tmp / "ours.yaml").write_text(ours_config(provider))
-    ours = start_server(tmp, "--config", str(tmp / "ours.yaml"), "--workers", "1",
-                        env={"PROVIDER_KEY": key}, name="ours")
+    ours, provider, key = start_provider_pair(tmp, PROVIDER_CONFIG, ours_config)
     yield ours, provider, key
     ours.stop()
     provider.stop()
-
-
-class Recorder:
-    """Keeps every response a client saw, to check that the provider's key never shows."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-
-    def hook(self, response: Any) -> None:
-        response.read()
-        self.bodies.append(response.content + str(response.headers).encode())
-
-    def assert_never_contains(self, secret: str) -> None:
-        assert self.bodies
-        assert not any(secret.encode() in body for body in self.bodies)
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ import hashlib
 import io
 import os
 import secrets
-import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import yaml
 
 from tests.acceptance.jobs_support import Jobs, deployment
 from tests.conftest import Server, start_server
+from tests.helpers import Listener
 from tests.s3_server import moto_server, s3_env
 
 pytestmark = pytest.mark.slow
@@ -121,35 +120,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     a.http.close()
     b.http.close()
     server.stop()
-
-
-class Listener:
-    """A TCP server that counts the connections it is offered."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self.connections = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
 
 
 @pytest.fixture

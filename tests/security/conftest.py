@@ -11,10 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +24,8 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from tests.conftest import Server, free_port
+from tests.conftest import Server, start_server
+from tests.helpers import Listener
 
 PREDICTORS = Path(__file__).resolve().parent.parent / "predictors"
 #: The server's BATCHERY_SECRET_KEY: it seals stored credentials, and must never leave.
@@ -92,27 +89,7 @@ def server_env() -> dict[str, str]:
 
 def launch(root: Path, name: str, *args: str) -> Server:
     """`batchery serve` on a free port, ready to answer."""
-    port = free_port()
-    data_dir = root / f"{name}-data"
-    log_path = root / f"{name}.log"
-    cmd = [sys.executable, "-m", "batchery", "serve", "--port", str(port),
-           "--data-dir", str(data_dir), *args]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env())
-    server = Server(base_url=f"http://127.0.0.1:{port}", data_dir=data_dir, process=process,
-                    log_path=log_path, args=list(args))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{server.log()}")
-        try:
-            if httpx.get(server.base_url + "/healthz", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"server did not start:\n{server.log()}")
+    return start_server(root, *args, name=name, base_env=server_env())
 
 
 @dataclass
@@ -261,36 +238,6 @@ def openai_error(response: httpx.Response) -> dict[str, Any]:
     assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str) and error["message"], error
     return error
-
-
-class Listener:
-    """A TCP port that records every connection made to it: an internal service a caller
-    might try to make the server reach."""
-
-    def __init__(self) -> None:
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        self._socket.listen(16)
-        self._socket.settimeout(0.2)
-        self.port: int = self._socket.getsockname()[1]
-        self.connections = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="listener", daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._socket.accept()
-            except (TimeoutError, OSError):
-                continue
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._socket.close()
 
 
 @pytest.fixture

@@ -131,7 +131,9 @@ class Client:
                 bar.close()
 
     def logs(self, job_id: str, *, follow: bool = False) -> Iterator[str]:
-        """The job's log lines; with `follow`, as they are written, until the job ends."""
+        """The job's log lines in time order, whichever worker wrote them; with `follow`,
+        as they are written (a couple of seconds behind, so that every worker's lines of
+        that time are in), until the job ends."""
         timeout = httpx.Timeout(self._http.timeout.connect, read=None) if follow else None
         with self._http.stream("GET", f"/jobs/{job_id}/logs",
                                params={"follow": str(follow).lower()},

@@ -10,11 +10,13 @@ from typing import Any
 
 import yaml
 
-from batchery import backends, deployment_policy, deployments, secrets, trust
+from batchery import backends
+from batchery.batchapi.message_batches import MAX_REQUESTS, MessageBatchService
+from batchery.batchapi.service import BatchService
 from batchery.filestores.fsspec_store import FsspecFileStore
-from batchery.jobs.service import PYTHON_BACKEND, JobService
-from batchery.message_batches import MAX_REQUESTS, MessageBatchService
-from batchery.service import BatchService
+from batchery.jobs.service import JobService
+from batchery.model import deployments
+from batchery.security import deployment_policy, secrets, trust
 from batchery.settings import Settings
 from batchery.stores.sql.store import SqlStore
 
@@ -42,11 +44,13 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
     policy = load_policy(settings)
     store = SqlStore.from_url(settings.db_url)
     if publish_deployments:
-        catalog = (deployments.load(settings.config) if settings.config
+        catalog = (deployments.load(settings.config, check_options=backends.check_options)
+                   if settings.config
                    else deployments.Catalog(deployments=deployments.default_deployments()))
         for deployment in catalog.deployments:
-            deployment_policy.check(deployment, policy, via_api=False)
-            if deployment.backend != PYTHON_BACKEND:  # user code loads in workers only
+            user_code = backends.runs_user_code(deployment.backend)
+            deployment_policy.check(deployment, policy, via_api=False, runs_user_code=user_code)
+            if not user_code:  # user code loads in workers only
                 backends.check(deployment)
         box = secrets.SecretBox.from_env()
         store.set_deployments([

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchery.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
-from batchery.chunks import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS
+from batchery.model.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
+from batchery.model.leases import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS
+from batchery.queue.worker import WorkerConfig
 from batchery.stores.sql.engine import sqlite_url
-from batchery.worker import WorkerConfig
 
 DEFAULT_DATA_DIR = Path("data")
 

@@ -5,7 +5,7 @@ One run does all of this, in a fresh temporary directory:
 1. writes a chat batch input file of `--lines` requests;
 2. **baseline**: one process reads that file line by line, parses each line with orjson,
    answers it with `batchery.backends.echo.answer` (the function the echo backend uses),
-   renders it with `batchery.execution.response_line` and writes the output file;
+   renders it with `batchery.batchapi.execution.response_line` and writes the output file;
 3. **Batchery**: starts `batchery serve` with its default settings (no `BATCHERY_*`
    variables, one worker per CPU), waits for its workers to finish starting, uploads the
    file (streamed from disk), creates the batch, polls it to the end and downloads the
@@ -52,9 +52,9 @@ import httpx
 import orjson
 
 from batchery.backends.echo import answer
-from batchery.batches import DEFAULT_CHUNK_SIZE, Batch, BatchStatus
-from batchery.chunks import ChunkResult, ChunkSpec
-from batchery.execution import response_line
+from batchery.model.batches import DEFAULT_CHUNK_SIZE, Batch, BatchStatus
+from batchery.model.chunks import ChunkResult, ChunkSpec
+from batchery.wire.openai_lines import response_line
 from batchery.stores.sql.engine import sqlite_url
 from batchery.stores.sql.store import SqlStore
 

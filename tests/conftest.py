@@ -135,7 +135,7 @@ def start_provider_pair(tmp: Path, provider_config: str,
     """A Batchery acting as a hosted provider (with a key of its own), and ours, whose
     config (`ours_config(provider)`) reads that key from `PROVIDER_KEY`: the remote
     connectors' suites run against this pair."""
-    from batchery.auth import add_key
+    from batchery.security.auth import add_key
 
     keys = tmp / "keys.yaml"
     _, key = add_key(keys, "provider-side")

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from batchery.batches import Batch, BatchStatus, EndReason
-from batchery.store import Page
+from batchery.model.batches import Batch, BatchStatus, EndReason
+from batchery.ports.store import Page
 
 
 def rfc3339(seconds: int | None) -> str | None:

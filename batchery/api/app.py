@@ -11,13 +11,14 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchery import __version__, ids, ui
+from batchery import __version__, ui
 from batchery.api import bodies, errors, metrics
 from batchery.api.responses import JSONResponse
 from batchery.api.routes import azure, batches, files, gemini, jobs, messages, models, webhooks
 from batchery.api.routes import keys as key_routes
-from batchery.auth import KeyRing
+from batchery.model import ids
 from batchery.runtime import Runtime
+from batchery.security.auth import KeyRing
 from batchery.webhooks.service import WebhookService
 
 

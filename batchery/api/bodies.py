@@ -12,12 +12,12 @@ from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchery.api import errors
-from batchery.exceptions import InvalidRequest, TooLarge
-from batchery.gemini import UPLOAD_MOUNTS
+from batchery.batchapi.gemini import UPLOAD_MOUNTS
 from batchery.jobs import submission
-from batchery.jobs.model import InputKind, OutputMode
-from batchery.trust import Limits
-from batchery.webhooks.service import URL_JSON_SCHEMA
+from batchery.model.exceptions import InvalidRequest, TooLarge
+from batchery.model.jobs import InputKind, OutputMode
+from batchery.security.trust import Limits
+from batchery.security.webhook_urls import URL_JSON_SCHEMA
 
 #: Room for the multipart framing and the small form fields around an uploaded file.
 MULTIPART_SLACK_BYTES = 1 << 20

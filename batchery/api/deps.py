@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from batchery.auth import KeyRing
-from batchery.gemini import is_gemini_path
-from batchery.service import BatchService
-from batchery.trust import Principal
+from batchery.batchapi.gemini import is_gemini_path
+from batchery.batchapi.service import BatchService
+from batchery.security.auth import KeyRing
+from batchery.security.trust import Principal
 
 
 def presented_key(request: Request) -> str | None:

@@ -1,7 +1,7 @@
 """The one place that knows HTTP status codes: domain errors to error envelopes.
 
 Routes under `/v1/messages` answer in Anthropic's envelope, the Gemini API's (see
-`batchery.gemini.MOUNTS`) in Google's, all others in OpenAI's.
+`batchery.batchapi.gemini.MOUNTS`) in Google's, all others in OpenAI's.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchery import anthropic, gemini, ids
 from batchery.api.responses import JSONResponse
-from batchery.exceptions import (
+from batchery.batchapi import gemini
+from batchery.model import ids
+from batchery.model.exceptions import (
     Conflict,
     Forbidden,
     InvalidRequest,
@@ -27,6 +28,7 @@ from batchery.exceptions import (
     TooLarge,
     Unauthorized,
 )
+from batchery.wire import anthropic
 
 log = logging.getLogger("batchery.api")
 ANTHROPIC_PREFIX = "/v1/messages"

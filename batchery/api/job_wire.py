@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from batchery.jobs.model import BatchState, InputKind, Job, JobInput, JobStage
 from batchery.jobs.service import JobView
+from batchery.model.jobs import BatchState, InputKind, Job, JobInput, JobStage
 
 
 def job_json(job: Job, view: JobView | None = None) -> dict[str, Any]:

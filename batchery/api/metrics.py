@@ -12,10 +12,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 
-from batchery.batches import BatchStatus
-from batchery.chunks import ChunkState
-from batchery.jobs.model import BatchState, JobStatus
-from batchery.store import Store
+from batchery.model.batches import BatchStatus
+from batchery.model.chunks import ChunkState
+from batchery.model.jobs import BatchState, JobStatus
+from batchery.ports.store import Store
 
 #: A worker whose last heartbeat is older than this counts as gone, in seconds.
 STALE_WORKER_S = 60.0

@@ -8,7 +8,7 @@ import orjson
 from pydantic import BaseModel, Field
 from starlette import responses
 
-from batchery.jobs.model import JobStatus, OutputMode, WorkerState
+from batchery.model.jobs import JobStatus, OutputMode, WorkerState
 
 
 class JSONResponse(responses.JSONResponse):

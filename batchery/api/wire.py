@@ -10,10 +10,10 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from batchery.batches import Batch, BatchStatus
-from batchery.deployments import Deployment
-from batchery.files import FileRecord
-from batchery.store import Page
+from batchery.model.batches import Batch, BatchStatus
+from batchery.model.deployments import Deployment
+from batchery.model.files import FileRecord
+from batchery.ports.store import Page
 
 T = TypeVar("T")
 

@@ -1,15 +1,20 @@
-"""Model backends, looked up by the name a deployment gives. Heavy ones import lazily."""
+"""Model backends, looked up by the name a deployment gives. Heavy ones import lazily.
+
+What a backend is (whether it runs user code, whether it serves jobs, how its options are
+checked) is declared on its class and read here, so that no other module tests a backend's
+name."""
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
-from batchery import deployment_policy, secrets
-from batchery.backend import ModelBackend, served_endpoints
-from batchery.deployments import Deployment
-from batchery.exceptions import ConfigError
-from batchery.remote import RemoteBatchBackend
+from batchery.model.deployments import Deployment
+from batchery.model.exceptions import ConfigError
+from batchery.ports.backend import ModelBackend, served_endpoints
+from batchery.ports.remote import RemoteBatchBackend
+from batchery.security import deployment_policy, secrets
 
 #: backend name -> "module:Class"
 REGISTRY = {
@@ -31,14 +36,52 @@ REMOTE_REGISTRY = {
 }
 
 
-def remote_endpoints(backend: str) -> frozenset[str] | None:
-    """The endpoints a remote batch backend accepts; None for backends that run lines."""
-    target = REMOTE_REGISTRY.get(backend)
+def _backend_class(backend: str) -> type[Any] | None:
+    """The class registered under a backend name (imported now: the heavy libraries are
+    imported by the classes themselves, later); None for an unknown name."""
+    target = REGISTRY.get(backend) or REMOTE_REGISTRY.get(backend)
     if target is None:
         return None
     module_name, class_name = target.split(":")
-    endpoints: frozenset[str] = getattr(importlib.import_module(module_name),
-                                        class_name).endpoints
+    cls: type[Any] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+def runs_user_code(backend: str) -> bool:
+    """Whether the backend runs code that its deployment names (see
+    `ModelBackend.runs_user_code`); False for an unknown name, which fails elsewhere."""
+    return bool(getattr(_backend_class(backend), "runs_user_code", False))
+
+
+def serves_jobs(backend: str) -> bool:
+    """Whether deployments of the backend can run native jobs."""
+    return bool(getattr(_backend_class(backend), "serves_jobs", False))
+
+
+def job_backends() -> list[str]:
+    """The names of the backends that serve jobs, for messages."""
+    return sorted(name for name in REGISTRY if serves_jobs(name))
+
+
+def check_options(backend: str, options: dict[str, Any], where: str,
+                  base_dir: Path | None) -> dict[str, Any]:
+    """A deployment's options as its backend checks and normalises them when a config is
+    read (`ModelBackend.check_options`); an unknown backend's are kept, and `create`
+    reports the name. This is the `OptionsCheck` that config parsing is given."""
+    check = getattr(_backend_class(backend), "check_options", None)
+    if check is None:
+        return dict(options)
+    checked: dict[str, Any] = check(options, where, base_dir)
+    return checked
+
+
+def remote_endpoints(backend: str) -> frozenset[str] | None:
+    """The endpoints a remote batch backend accepts; None for backends that run lines."""
+    if backend not in REMOTE_REGISTRY:
+        return None
+    cls = _backend_class(backend)
+    assert cls is not None
+    endpoints: frozenset[str] = cls.endpoints
     return endpoints
 
 
@@ -48,11 +91,9 @@ def endpoints_of(deployment: Deployment) -> frozenset[str]:
     remote = remote_endpoints(deployment.backend)
     if remote is not None:
         return remote
-    target = REGISTRY.get(deployment.backend)
-    if target is None:
+    cls = _backend_class(deployment.backend)
+    if cls is None:
         return frozenset()
-    module_name, class_name = target.split(":")
-    cls: type[ModelBackend] = getattr(importlib.import_module(module_name), class_name)
     return served_endpoints(cls.declared_endpoints(deployment.options))
 
 

@@ -2,7 +2,7 @@
 
 It answers every endpoint with a well-formed OpenAI body, and can simulate time per request
 (`latency_ms`) and a seeded share of server errors (`failure_rate`). Bodies reach it checked
-(`batchery.request_schemas`); it refuses only what a text model of its size cannot do.
+(`batchery.wire.request_schemas`); it refuses only what a text model of its size cannot do.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from batchery.backend import ModelBackend, Reply, Request, error_reply
-from batchery.exceptions import ConfigError
+from batchery.model.exceptions import ConfigError
+from batchery.ports.backend import ModelBackend, Reply, Request, error_reply
 
 _DEFAULT_DIM = 16
 _MAX_DIM = 4096

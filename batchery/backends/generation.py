@@ -1,7 +1,7 @@
 """Reading OpenAI chat and completion bodies for the in-process text generators
 (`llama-cpp`, `vllm`), and writing their answers back as OpenAI bodies.
 
-`parse` turns a body that `batchery.request_schemas` has passed into a `Generation`, or
+`parse` turns a body that `batchery.wire.request_schemas` has passed into a `Generation`, or
 into an error reply (400) for what these engines cannot do (tools, several choices,
 images), so such a line is an error line, never a crashed chunk. The sampling defaults
 are OpenAI's (temperature 1, top_p 1), not the engines' own.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchery.backend import Reply, error_reply
+from batchery.ports.backend import Reply, error_reply
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -70,7 +70,7 @@ def resolve_path(value: str) -> str:
 
 
 def parse(endpoint: str, body: dict[str, Any]) -> Generation | Reply:
-    """Read a chat or completion body that `batchery.request_schemas` has passed; a Reply is
+    """Read a chat or completion body that `batchery.wire.request_schemas` has passed; a Reply is
     the 400 for what these engines cannot do."""
     problem = _check_common(body)
     if problem is not None:

@@ -41,9 +41,9 @@ from jsonpath_ng import JSONPath
 from jsonpath_ng.exceptions import JSONPathError
 from jsonpath_ng.ext.parser import parse as parse_jsonpath
 
-from batchery.backend import ModelBackend, Reply, Request, error_reply
 from batchery.backends.openai_http import send, to_reply
-from batchery.exceptions import ConfigError
+from batchery.model.exceptions import ConfigError
+from batchery.ports.backend import ModelBackend, Reply, Request, error_reply
 
 #: `${path}`, or `$${path}` for a literal `${path}`.
 _PLACEHOLDER = re.compile(r"\$(\$?)\{([^{}]*)\}")

@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from batchery.backend import ModelBackend, Reply, Request, error_reply
 from batchery.backends import generation
 from batchery.backends.generation import Choice, Generation
-from batchery.exceptions import ConfigError
+from batchery.model.exceptions import ConfigError
+from batchery.ports.backend import ModelBackend, Reply, Request, error_reply
 
 #: llama.cpp reads this seed as "pick one at random".
 _RANDOM_SEED = 0xFFFFFFFF

@@ -27,8 +27,9 @@ from typing import Any
 import httpx
 import orjson
 
-from batchery import responses_api
-from batchery.backend import (
+from batchery.model.batches import SUPPORTED_ENDPOINTS
+from batchery.model.exceptions import ConfigError
+from batchery.ports.backend import (
     CHAT_ENDPOINT,
     RESPONSES_ENDPOINT,
     ModelBackend,
@@ -36,8 +37,7 @@ from batchery.backend import (
     Request,
     error_reply,
 )
-from batchery.batches import SUPPORTED_ENDPOINTS
-from batchery.exceptions import ConfigError
+from batchery.wire import responses_api
 
 _RETRIABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 #: What a deployment offers unless its `endpoints` option says otherwise.

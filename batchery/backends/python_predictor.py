@@ -4,16 +4,27 @@ batch lines: the line bodies are the items, and each prediction is the response 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from batchery.backend import ModelBackend, Reply, Request, error_reply
-from batchery.batches import SUPPORTED_ENDPOINTS
-from batchery.jobs.predictor import LoadedPredictor, load_predictor, parse_options
+from batchery.backends.predictor import LoadedPredictor, load_predictor, parse_options
+from batchery.model.batches import SUPPORTED_ENDPOINTS
+from batchery.ports.backend import ModelBackend, Reply, Request, error_reply
 
 
 class PythonPredictorBackend(ModelBackend):
     endpoints = frozenset(SUPPORTED_ENDPOINTS)
+    runs_user_code = True
+    serves_jobs = True
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], where: str,
+                      base_dir: Path | None) -> dict[str, Any]:
+        # Imports nothing: the predictor is loaded by workers only. `python_path` is kept
+        # absolute, so that a worker started anywhere finds the same code.
+        parsed = parse_options(options, where, base_dir)
+        return {**options, "python_path": list(parsed.python_path)}
 
     def __init__(self, **options: Any) -> None:
         self.options = parse_options(options, "options")

@@ -9,12 +9,12 @@ from typing import IO, Any
 import httpx
 import orjson
 
-from batchery.anthropic import MESSAGES_ENDPOINT
 from batchery.backends import remote_common
 from batchery.backends.remote_common import call
-from batchery.batches import Batch
-from batchery.exceptions import BackendError
-from batchery.remote import Progress, RemoteBatchBackend
+from batchery.model.batches import Batch
+from batchery.model.exceptions import BackendError
+from batchery.ports.remote import Progress, RemoteBatchBackend
+from batchery.wire.anthropic import MESSAGES_ENDPOINT
 
 API_VERSION = "2023-06-01"
 

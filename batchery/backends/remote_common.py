@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from batchery.exceptions import BackendError, ConfigError
+from batchery.model.exceptions import BackendError, ConfigError
 
 
 def api_key(api_key_env: str | None, key: str | None) -> str | None:

@@ -24,14 +24,14 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import orjson
 
-from batchery import anthropic, execution, request_schemas
-from batchery.anthropic import CHAT_ENDPOINT, MESSAGES_ENDPOINT
-from batchery.backend import Reply, error_reply
 from batchery.backends import remote_common
 from batchery.backends.remote_common import call, checked
-from batchery.batches import Batch, BatchError, canonical_endpoint
-from batchery.exceptions import BackendError
-from batchery.remote import Progress, RemoteBatchBackend
+from batchery.model.batches import Batch, BatchError, canonical_endpoint
+from batchery.model.exceptions import BackendError
+from batchery.ports.backend import Reply, error_reply
+from batchery.ports.remote import Progress, RemoteBatchBackend
+from batchery.wire import anthropic, openai_lines, request_schemas
+from batchery.wire.anthropic import CHAT_ENDPOINT, MESSAGES_ENDPOINT
 
 API_VERSION = "v1beta"
 #: Google caps an inline create call at 20 MB; above this many bytes of requests a file
@@ -545,7 +545,7 @@ def _render(messages: bool, custom_id: str, reply: Reply, model: str) -> bytes:
     """Our result line: an Anthropic result for message batches, else an OpenAI line."""
     if messages:
         return anthropic.result_line(custom_id, reply, reply.body.get("model") or model)
-    return execution.response_line(custom_id, reply)
+    return openai_lines.response_line(custom_id, reply)
 
 
 def _inline(line: dict[str, Any]) -> dict[str, Any]:
@@ -640,9 +640,9 @@ class _Writer:
         if self.messages:
             self.out.write(anthropic.unrun_line(key, "canceled" if cancelled else "expired"))
         elif cancelled:
-            self.err.write(execution.error_line(key, "batch_cancelled", "This request was not "
+            self.err.write(openai_lines.error_line(key, "batch_cancelled", "This request was not "
                                                 "executed because the batch was cancelled."))
         else:
-            self.err.write(execution.error_line(key, "batch_expired", "This request could not "
+            self.err.write(openai_lines.error_line(key, "batch_expired", "This request could not "
                                                 "be executed before the completion window "
                                                 "expired."))

@@ -12,7 +12,7 @@ import orjson
 
 from batchery.backends import remote_common
 from batchery.backends.remote_common import call
-from batchery.batches import (
+from batchery.model.batches import (
     SUPPORTED_ENDPOINTS,
     TERMINAL,
     Batch,
@@ -20,8 +20,8 @@ from batchery.batches import (
     BatchStatus,
     canonical_endpoint,
 )
-from batchery.exceptions import BackendError
-from batchery.remote import Progress, RemoteBatchBackend
+from batchery.model.exceptions import BackendError
+from batchery.ports.remote import Progress, RemoteBatchBackend
 
 
 class OpenAIBatchBackend(RemoteBatchBackend):

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from batchery.backend import ModelBackend, Reply, Request, error_reply
 from batchery.backends.generation import resolve_path
-from batchery.exceptions import ConfigError
+from batchery.model.exceptions import ConfigError
+from batchery.ports.backend import ModelBackend, Reply, Request, error_reply
 
 ENDPOINT = "/v1/embeddings"
 Vectors = np.ndarray[Any, np.dtype[np.float32]]
@@ -140,7 +140,7 @@ class SentenceTransformersBackend(ModelBackend):
 
 
 def _parse(body: dict[str, Any], dim: int) -> _Job | Reply:
-    """Read a body that `batchery.request_schemas` has passed; a Reply is the 400 for what
+    """Read a body that `batchery.wire.request_schemas` has passed; a Reply is the 400 for what
     this model cannot do (token ids, more dimensions than it has)."""
     raw = body["input"]
     texts = [raw] if isinstance(raw, str) else raw

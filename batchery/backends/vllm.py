@@ -22,10 +22,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from batchery.backend import ModelBackend, Reply, Request, error_reply
 from batchery.backends import generation
 from batchery.backends.generation import Choice, Generation
-from batchery.exceptions import ConfigError
+from batchery.model.exceptions import ConfigError
+from batchery.ports.backend import ModelBackend, Reply, Request, error_reply
 
 #: Builds the engine's sampling parameters from plain keyword arguments.
 ParamsFactory = Callable[[dict[str, Any]], Any]

@@ -205,7 +205,7 @@ def logs(job_id: str,
          follow: Annotated[bool, typer.Option("-f", "--follow",
                                               help="Stream until the job ends.")] = False,
          server: ServerUrl = DEFAULT_SERVER, api_key: ApiKey = None) -> None:
-    """A job's log: enqueuing, workers, batches, your predictor's logging."""
+    """A job's log in time order: enqueuing, workers, batches, your predictor's logging."""
     with _client(server, api_key) as client:
         for line in client.logs(job_id, follow=follow):
             typer.echo(line)

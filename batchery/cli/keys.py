@@ -12,8 +12,8 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from batchery import auth
-from batchery.exceptions import BatcheryError
+from batchery.model.exceptions import BatcheryError
+from batchery.security import auth
 
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
 T = TypeVar("T")

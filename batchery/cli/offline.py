@@ -17,13 +17,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from batchery.batches import DEFAULT_CHUNK_SIZE, Batch
 from batchery.cli.options import ChunkSize
 from batchery.cli.progress import BatchProgress
-from batchery.exceptions import ConfigError
+from batchery.model.batches import DEFAULT_CHUNK_SIZE, Batch
+from batchery.model.exceptions import ConfigError
 from batchery.runtime import Runtime, open_runtime
 from batchery.settings import Settings
-from batchery.worker import Worker
+from batchery.workers import worker as new_worker
 
 console = Console(stderr=True)
 
@@ -107,7 +107,7 @@ def _start_or_resume(runtime: Runtime, input_path: Path, state_dir: Path) -> str
 def _run_to_end(runtime: Runtime, input_path: Path, state_dir: Path) -> Batch:
     batch_id = _start_or_resume(runtime, input_path, state_dir)
     config = dataclasses.replace(runtime.settings.worker_config(), poll_s=0.05)
-    worker = Worker(runtime.store, runtime.files, config)
+    worker = new_worker(runtime.store, runtime.files, config)
     thread = threading.Thread(target=worker.run, name="worker", daemon=True)
     thread.start()
     try:

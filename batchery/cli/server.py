@@ -19,18 +19,18 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from batchery.auth import KeyRing
-from batchery.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
-from batchery.chunks import DEFAULT_LEASE_S
 from batchery.cli.options import ChunkSize, DatabaseUrl, DataDir, FilesUrl, LeaseSeconds, MaxTasks
-from batchery.deployments import API, Deployment, WorkerPoolSpec
-from batchery.exceptions import ConfigError
 from batchery.jobs.service import PYTHON_BACKEND
+from batchery.model.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
+from batchery.model.deployments import API, Deployment, WorkerPoolSpec
+from batchery.model.exceptions import ConfigError
+from batchery.model.leases import DEFAULT_LEASE_S
+from batchery.ports.store import Store
 from batchery.runtime import open_runtime
+from batchery.security.auth import KeyRing
+from batchery.security.trust import TrustPolicy
 from batchery.settings import DEFAULT_DATA_DIR, Settings
-from batchery.store import Store
-from batchery.trust import TrustPolicy
-from batchery.worker import Worker
+from batchery.workers import worker as new_worker
 
 console = Console(stderr=True)
 log = logging.getLogger("batchery")
@@ -374,7 +374,7 @@ def worker(
     config = dataclasses.replace(
         settings.worker_config(), grace_s=grace_seconds, jobs=jobs, batches=batches,
         deployments=frozenset(deployment) if deployment else None, idle_exit_s=idle_exit)
-    the_worker = Worker(runtime.store, runtime.files, config)
+    the_worker = new_worker(runtime.store, runtime.files, config)
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
         the_worker.stop()

@@ -7,7 +7,7 @@ from typing import IO, Any, cast
 
 import fsspec
 
-from batchery.filestore import FileStore
+from batchery.ports.filestore import FileStore
 
 
 class FsspecFileStore(FileStore):

@@ -12,21 +12,18 @@ from typing import Any
 
 import orjson
 
-from batchery.filestore import FileStore
 from batchery.jobs import inputs
 from batchery.jobs.joblog import JobLog
-from batchery.jobs.model import BatchSpec, InputKind, Job, JobInput, JobLease
-from batchery.jobs.store import JobPhaseQueue
-from batchery.store import Store
+from batchery.model.jobs import BatchSpec, InputKind, Job, JobInput, JobLease
+from batchery.ports.filestore import FileStore
+from batchery.ports.jobs import JobPhaseQueue
+from batchery.ports.store import Store
+from batchery.queue.lease import LeaseLost
 
 #: A segment file is cut after this many batches or bytes, whichever comes first.
 SEGMENT_BATCHES = 100
 SEGMENT_BYTES = 8 << 20
 _DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
-
-
-class LeaseLost(Exception):
-    """The job changed (stopped, timed out) or another worker took it over."""
 
 
 class EnqueueError(Exception):

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import fsspec
 import orjson
 
-from batchery.exceptions import BatcheryError, InvalidRequest
-from batchery.files import INTERNAL_PURPOSE_PREFIX, FileRecord
+from batchery.model.exceptions import BatcheryError, InvalidRequest
+from batchery.model.files import INTERNAL_PURPOSE_PREFIX, FileRecord
 
 _NDJSON = (".jsonl", ".ndjson", ".json")
 _CSV = {".csv": ",", ".tsv": "\t"}

@@ -1,17 +1,22 @@
 """Per-job logs: the runner's own events and whatever the user's predictor logs with
 `logging`, attributed to the job by a context variable and written to the store in
-small batches (often enough that `logs?follow=true` shows lines as they happen)."""
+small batches (often enough that `logs?follow=true` shows lines as they happen).
+
+Readers show a log in time order, whichever worker wrote each line. A follower only
+shows lines older than `SETTLE_S`: by then every worker has written its lines of that
+time, so a line flushed late still comes in its place, never after newer ones."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Iterator
 
-from batchery.jobs.store import JobObservations, NewLogLine
+from batchery.ports.jobs import JobObservations, NewLogLine
 
 #: The job whose work is running in this context (and in the predictor's thread, which
 #: runs in a copy of it).
@@ -20,6 +25,11 @@ current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _log = logging.getLogger("batchery.jobs")
 #: How often buffered lines are written, in seconds.
 FLUSH_S = 0.3
+#: How old a line must be before a follower shows it, in seconds: the longest a worker
+#: holds a line (`FLUSH_S`, plus the write itself) with room to spare. Lines a worker
+#: could not write for longer (its database unreachable) are kept in their place, but a
+#: follower that has passed their time does not show them.
+SETTLE_S = 2.0
 #: Lines kept at most while the store cannot be reached; the oldest are dropped first.
 MAX_BUFFERED = 10_000
 
@@ -41,7 +51,10 @@ class JobLog(logging.Handler):
         self.store = store
         self.source = source
         self._pending: list[NewLogLine] = []
+        self._last_ts = 0.0
         self._guard = threading.Lock()
+        #: One flush at a time, so this worker's lines are stored in the order written.
+        self._flushing = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="job-log", daemon=True)
         self.setFormatter(logging.Formatter("%(message)s"))
@@ -80,20 +93,27 @@ class JobLog(logging.Handler):
 
     def _add(self, line: NewLogLine) -> None:
         with self._guard:
+            # Never earlier than this worker's previous line: a record created on one
+            # thread just before another's line, or a clock stepped back, must not show
+            # this worker's lines out of the order it wrote them.
+            if line.ts < self._last_ts:
+                line = dataclasses.replace(line, ts=self._last_ts)
+            self._last_ts = line.ts
             self._pending.append(line)
             if len(self._pending) > MAX_BUFFERED:
                 del self._pending[0]
 
     def flush(self) -> None:
-        with self._guard:
-            lines, self._pending = self._pending, []
-        if not lines:
-            return
-        try:
-            self.store.append_logs(lines)
-        except Exception:
-            with self._guard:  # keep them for the next try
-                self._pending[:0] = lines[-MAX_BUFFERED:]
+        with self._flushing:
+            with self._guard:
+                lines, self._pending = self._pending, []
+            if not lines:
+                return
+            try:
+                self.store.append_logs(lines)
+            except Exception:
+                with self._guard:  # keep them for the next try
+                    self._pending[:0] = lines[-MAX_BUFFERED:]
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(FLUSH_S):

@@ -7,23 +7,23 @@ piece of work is held under a lease that a heartbeat renews, as for chunks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import logging
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import orjson
 
-from batchery import secrets
-from batchery.filestore import FileStore
-from batchery.heartbeat import Heartbeat
+from batchery.backends.predictor import LoadedPredictor, load_predictor, parse_options
 from batchery.jobs import enqueue, outputs
 from batchery.jobs.joblog import JobLog, job_context
-from batchery.jobs.model import (
+from batchery.model.exceptions import Conflict
+from batchery.model.jobs import (
     BatchLease,
     BatchState,
     Job,
@@ -35,14 +35,24 @@ from batchery.jobs.model import (
     OutputMode,
     WorkerState,
 )
-from batchery.jobs.predictor import LoadedPredictor, load_predictor, parse_options
-from batchery.retry import RetryPolicy
-from batchery.store import Store
+from batchery.model.leases import (
+    MAX_PHASE_ATTEMPTS,
+    PHASE_RETRY_S,
+    WORKER_CRASHED,
+    halves,
+    is_poison,
+    should_split,
+)
+from batchery.ports.filestore import FileStore
+from batchery.ports.store import Store
+from batchery.queue.lease import LeaseLost
+from batchery.queue.leased import Cancelled, Leased
+from batchery.queue.parts import drop_parts, part_key, write_part
+from batchery.queue.worker import WorkerContext
+from batchery.security import secrets
 
 T = TypeVar("T")
 log = logging.getLogger("batchery.jobs")
-#: After job-level work raised, how long before any worker tries it again, in seconds.
-PHASE_RETRY_S = 5.0
 ENQUEUE_ATTEMPTS = 3
 #: Predictors kept loaded per worker (one per job).
 MAX_LOADED = 2
@@ -55,24 +65,19 @@ class BatchFailed(Exception):
 
 
 class JobRunner:
-    def __init__(self, store: Store, files: FileStore, *, worker_id: str, host: str, pid: int,
-                 lease_s: float, deployments: Collection[str] | None,
-                 overdue: Callable[[], bool] = lambda: False,
-                 retry: RetryPolicy | None = None) -> None:
+    """The jobs' work, as the worker loop runs it (a handler of `batchery.queue.worker`)."""
+
+    def __init__(self, store: Store, files: FileStore, ctx: WorkerContext) -> None:
         self.store = store
         self.files = files
-        self.worker_id, self.host, self.pid = worker_id, host, pid
-        self.lease_s = lease_s
-        self.deployments = deployments
-        self._overdue = overdue
-        self.retry = retry or RetryPolicy()
-        self.joblog = JobLog(store, worker_id)
-        self._runner = asyncio.Runner()
+        self.ctx = ctx
+        self.worker_id, self.host, self.pid = ctx.id, ctx.host, ctx.pid
+        self.lease_s = ctx.config.lease_s
+        self.deployments = ctx.config.deployments
+        self.retry = ctx.config.retry
+        self.joblog = JobLog(store, ctx.id)
         self._loaded: OrderedDict[str, LoadedPredictor] = OrderedDict()
         self._reports: dict[str, JobWorker] = {}
-        self._task: asyncio.Task[Any] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._cancel_asked = False
 
     def start(self) -> None:
         self.joblog.start()
@@ -80,7 +85,6 @@ class JobRunner:
     def close(self) -> None:
         for job_id in list(self._loaded):
             self._unload(job_id, WorkerState.SUCCEEDED)
-        self._runner.close()
         self.joblog.close()
 
     def run_once(self) -> bool:
@@ -98,7 +102,8 @@ class JobRunner:
 
     def housekeeping(self) -> None:
         for reaped in self.store.reap_expired_batches():
-            what = "it is now a dead letter" if reaped.dead else "it will be retried"
+            what = ("the job has ended: it is dropped" if reaped.dropped
+                    else "it will run again (this costs it no retry)")
             self.joblog.write(reaped.job_id, "WARNING",
                               f"batch {reaped.index}: worker {reaped.owner} stopped "
                               f"renewing its lease (it died or hung); {what}")
@@ -114,29 +119,51 @@ class JobRunner:
 
     def _run_phase(self, lease: JobLease) -> None:
         job = lease.job
-        heartbeat = Heartbeat(lambda: self.store.renew_job_phase(lease, self.lease_s),
-                              self.lease_s / 3)
+        if lease.attempts >= MAX_PHASE_ATTEMPTS:
+            self._give_up(lease)
+            return
+        renew = lambda: self.store.renew_job_phase(lease, self.lease_s)  # noqa: E731
         try:
-            with heartbeat:
+            with Leased(renew, self.ctx.config.renew_s) as held:
                 if job.stage is JobStage.ENQUEUE:
-                    self._enqueue(lease, lambda: heartbeat.lost)
+                    self._enqueue(lease, lambda: held.lost)
                 else:
                     self._complete(lease)
-        except enqueue.LeaseLost:
+        except LeaseLost:
             log.info("job %s changed while this worker worked on it; leaving it", job.id)
-        except Exception:
-            self.joblog.write(job.id, "ERROR", f"job-level work failed; retrying in "
-                                               f"{PHASE_RETRY_S:g}s:\n{traceback.format_exc()}")
-            self.store.release_job_phase(lease, retry_in=PHASE_RETRY_S)
+        except Exception as exc:
+            # The traceback once; later failures of the same work in a line each.
+            detail = (traceback.format_exc() if lease.attempts == 0
+                      else f"{type(exc).__name__}: {exc}")
+            self.joblog.write(job.id, "ERROR", f"job-level work failed (try "
+                                               f"{lease.attempts + 1} of {MAX_PHASE_ATTEMPTS});"
+                                               f" retrying in {PHASE_RETRY_S:g}s: {detail}")
+            self.store.release_job_phase(lease, retry_in=PHASE_RETRY_S,
+                                         error=f"{type(exc).__name__}: {exc}")
         finally:
             self.store.release_job_phase(lease)
             self.joblog.flush()
+
+    def _give_up(self, lease: JobLease) -> None:
+        """Job-level work that failed every try ends the job: nothing waits forever."""
+        job = lease.job
+        reason = (f"{'enqueuing' if job.stage is JobStage.ENQUEUE else 'completing'} the job "
+                  f"failed {lease.attempts} times; the last error: "
+                  f"{lease.last_error or 'its worker stopped (killed or crashed)'}")
+        self.joblog.write(job.id, "ERROR", reason)
+        with contextlib.suppress(Conflict):  # it may have ended already (stopped, say)
+            self.store.end_job(job.id, JobStatus.FAILED, reason)
+        if job.stage is JobStage.COMPLETE:
+            # Completing is what failed: end the job without its results file.
+            self.store.finish_job(lease, results_url=None, now=time.time())
+        self.store.release_job_phase(lease)
+        self.joblog.flush()
 
     def _enqueue(self, lease: JobLease, lost: Callable[[], bool]) -> None:
         try:
             enqueue.enqueue(self.store, self.files, lease, lost, self.joblog,
                             resolve=enqueue.resolver(self.store, self.files, lease.job))
-        except enqueue.LeaseLost:
+        except LeaseLost:
             raise
         except Exception as exc:
             permanent = not isinstance(exc, OSError | ConnectionError | TimeoutError)
@@ -166,7 +193,7 @@ class JobRunner:
             self._on_job_complete(job)
         finished = self.store.finish_job(lease, results_url=results_url, now=time.time())
         if finished is None:
-            raise enqueue.LeaseLost
+            raise LeaseLost
         self.joblog.write(job.id, "INFO", f"job ended: {finished.status.value}")
         self.files.delete_prefix(enqueue.job_prefix(job.id))
 
@@ -208,22 +235,26 @@ class JobRunner:
 
     def _run_batch(self, lease: BatchLease) -> None:
         job, index = lease.job, lease.spec.index
+        if is_poison(lease.expiries, lease.spec.n_items):
+            self._isolate(lease)
+            return
+        if should_split(lease.expiries, lease.spec.n_items):
+            self._split(lease)
+            return
         self.joblog.write(job.id, "INFO", f"batch {index}: started (attempt "
                                           f"{lease.attempts + 1}, {lease.spec.n_items} items)")
-        self._cancel_asked = False
-        heartbeat = Heartbeat(lambda: self._renew(lease), self.lease_s / 3,
-                              on_lost=self._cancel_task, overdue=self._overdue,
-                              on_overdue=self._cancel_task)
         started = time.monotonic()
         try:
-            with heartbeat:
+            with Leased(lambda: self._renew(lease), self.ctx.config.renew_s,
+                        overdue=self.ctx.overdue, runner=self.ctx.runner) as held:
                 predictor = self._predictor(job)
+                held.check()
                 self._report(job, WorkerState.RUNNING, index)
                 items = self._items(lease)
-                predictions = self._run(self._predict(lease, predictor, items))
+                predictions = held.run(self._predict(lease, predictor, items))
                 out_key = self._write_part(lease, items, predictions)
-        except asyncio.CancelledError:
-            self._cancelled(lease, heartbeat.lost)
+        except Cancelled as cut:
+            self._cancelled(lease, cut.lost)
             return
         except Exception as exc:
             self._failed(lease, exc, time.monotonic() - started)
@@ -237,13 +268,35 @@ class JobRunner:
         else:
             self.joblog.write(job.id, "WARNING", f"batch {index}: lease lost before its "
                                                  f"results were recorded; they are dropped")
-            if out_key:
-                self.files.delete(out_key)
+            drop_parts(self.files, out_key)
+
+    def _split(self, lease: BatchLease) -> None:
+        """Cut a batch whose workers keep dying in two, to find the item at fault."""
+        spec = lease.spec
+        data = self.files.read_range(spec.segment_key, spec.start_offset, spec.end_offset)
+        ends = [i + 1 for i, byte in enumerate(data) if byte == 0x0A]
+        cut = halves(spec.n_items)
+        middle = spec.start_offset + ends[cut - 1]
+        specs = [dataclasses.replace(spec, end_offset=middle, n_items=cut),
+                 dataclasses.replace(spec, start_offset=middle, first_item=spec.first_item + cut,
+                                     n_items=spec.n_items - cut)]
+        if self.store.split_batch(lease, specs):
+            self.joblog.write(lease.job.id, "WARNING",
+                              f"batch {spec.index}: its workers stopped {lease.expiries} times "
+                              f"in a row; split it in two to find the item at fault")
+
+    def _isolate(self, lease: BatchLease) -> None:
+        """A single item that took its worker down every time becomes a dead letter alone."""
+        error = (f"{WORKER_CRASHED}: this item was tried {lease.expiries} times, and each "
+                 f"time the worker running it exited before it finished (crashed or was "
+                 f"killed); it was set aside so that the rest of the job could run")
+        self.store.fail_batch_attempt(lease, error, delay_s=0.0, dead=True)
+        self.joblog.write(lease.job.id, "ERROR", f"batch {lease.spec.index}: {error}")
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         # In a copy of *this* context: a Runner otherwise keeps the context it first ran
         # in, and every later job's log records would go to that first job.
-        return self._runner.run(coro, context=contextvars.copy_context())
+        return self.ctx.runner.run(coro, context=contextvars.copy_context())
 
     def _renew(self, lease: BatchLease) -> bool:
         alive = self.store.renew_batch(lease, self.lease_s)
@@ -258,28 +311,15 @@ class JobRunner:
 
     async def _predict(self, lease: BatchLease, predictor: LoadedPredictor,
                        items: list[Any]) -> list[Any] | None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        if self._cancel_asked:
-            raise asyncio.CancelledError
+        call = predictor.predict(items, lease.batch_id)
+        timeout = lease.job.options.batch_timeout_s
         try:
-            call = predictor.predict(items, lease.batch_id)
-            timeout = lease.job.options.batch_timeout_s
-            try:
-                return await asyncio.wait_for(call, timeout)
-            except TimeoutError:
-                # A sync predict may still be running in its thread: never reuse it.
-                self._unload(lease.job.id, WorkerState.FAILED)
-                raise BatchFailed(f"predict did not return within the batch_timeout of "
-                                  f"{timeout:g}s") from None
-        finally:
-            self._task = None
-
-    def _cancel_task(self) -> None:
-        self._cancel_asked = True
-        loop, task = self._loop, self._task
-        if loop is not None and task is not None:
-            loop.call_soon_threadsafe(task.cancel)
+            return await asyncio.wait_for(call, timeout)
+        except TimeoutError:
+            # A sync predict may still be running in its thread: never reuse it.
+            self._unload(lease.job.id, WorkerState.FAILED)
+            raise BatchFailed(f"predict did not return within the batch_timeout of "
+                              f"{timeout:g}s") from None
 
     def _write_part(self, lease: BatchLease, items: list[Any],
                     predictions: list[Any] | None) -> str | None:
@@ -301,10 +341,9 @@ class JobRunner:
                 raise BatchFailed(f"the prediction for item {offset} of the batch is not "
                                   f"JSON-serializable: {exc}") from None
             out += b"\n"
-        key = f"{enqueue.parts_prefix(lease.job.id)}/{lease.spec.index:09d}-{lease.token}.jsonl"
-        with self.files.open_write(key) as part:
-            part.write(out)
-        return key
+        key = part_key(enqueue.parts_prefix(lease.job.id), lease.spec.index, lease.token, 1,
+                       ".jsonl")
+        return write_part(self.files, key, out)
 
     def _cancelled(self, lease: BatchLease, lost: bool) -> None:
         index = lease.spec.index

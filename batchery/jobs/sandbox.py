@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from batchery.exceptions import InvalidRequest
 from batchery.jobs.inputs import LOCAL_PROTOCOLS, glob_base
-from batchery.trust import TrustPolicy
+from batchery.model.exceptions import InvalidRequest
+from batchery.security.trust import TrustPolicy
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from batchery import auth, backends, deployment_policy, secrets
-from batchery.deployments import API, Deployment, Endpoint, parse_deployment, parse_endpoint
-from batchery.exceptions import ConfigError, Conflict, Forbidden, InvalidRequest, NotFound
+from batchery import backends
 from batchery.jobs import inputs, outputs, sandbox, submission
-from batchery.jobs.model import (
+from batchery.model.deployments import API, Deployment, Endpoint, parse_deployment, parse_endpoint
+from batchery.model.exceptions import ConfigError, Conflict, Forbidden, InvalidRequest, NotFound
+from batchery.model.jobs import (
     BatchState,
     InputKind,
     Job,
@@ -28,11 +28,15 @@ from batchery.jobs.model import (
     WorkerState,
     job_id,
 )
-from batchery.paging import Page
-from batchery.store import Store
-from batchery.trust import Principal, TrustPolicy
-from batchery.webhooks.service import check_webhook_url
+from batchery.model.paging import Page
+from batchery.ports.store import Store
+from batchery.security import auth, deployment_policy, secrets
+from batchery.security.trust import Principal, TrustPolicy
+from batchery.security.webhook_urls import check_webhook_url
 
+#: The name of the backend that serves jobs. Deprecated: nothing here tests names any more
+#: (`backends.serves_jobs` and `backends.runs_user_code` do); kept only until
+#: `batchery/cli/server.py` stops importing it.
 PYTHON_BACKEND = "python"
 #: Open mode's policy, for a service built without one (tests, `batchery run`).
 _OPEN_POLICY = TrustPolicy()
@@ -94,7 +98,8 @@ class JobService:
         if isinstance(body, dict):
             body = {k: v for k, v in body.items() if k != "project"}
         try:
-            endpoint, members = parse_endpoint(body, "body", source=API)
+            endpoint, members = parse_endpoint(body, "body", source=API,
+                                               check_options=backends.check_options)
         except ConfigError as exc:
             raise InvalidRequest(str(exc), param="body") from None
         endpoint = dataclasses.replace(endpoint, created_at=time.time(), project=owner)
@@ -107,7 +112,8 @@ class JobService:
         endpoint, _ = self.visible_endpoint(principal, endpoint_name)
         _require_manager(principal, endpoint, "add deployments to endpoints")
         try:
-            deployment = parse_deployment(body, "body", endpoint=endpoint.name, source=API)
+            deployment = parse_deployment(body, "body", endpoint=endpoint.name, source=API,
+                                          check_options=backends.check_options)
         except ConfigError as exc:
             raise InvalidRequest(str(exc), param="body") from None
         deployment = dataclasses.replace(deployment, project=endpoint.project,
@@ -118,8 +124,10 @@ class JobService:
     def _checked(self, deployment: Deployment) -> Deployment:
         """Apply the operator's policy, build the backend once (bad options fail now), and
         seal credentials."""
-        deployment_policy.check(deployment, self.policy, via_api=True)
-        if deployment.backend != PYTHON_BACKEND:
+        user_code = backends.runs_user_code(deployment.backend)
+        deployment_policy.check(deployment, self.policy, via_api=True,
+                                runs_user_code=user_code)
+        if not user_code:  # user code is loaded by workers only
             try:
                 backends.check(deployment)
             except ConfigError as exc:
@@ -182,10 +190,11 @@ class JobService:
             known = ", ".join(d.short_name for d in members)
             raise InvalidRequest(f"The endpoint '{endpoint.name}' has no deployment named "
                                  f"'{name}' (it has: {known}).", param="deployment")
-        if found.backend != PYTHON_BACKEND:
+        if not backends.serves_jobs(found.backend):
+            able = ", ".join(f"'{b}'" for b in backends.job_backends())
             raise InvalidRequest(f"The deployment '{name}' runs the '{found.backend}' "
-                                 f"backend; jobs need a '{PYTHON_BACKEND}' deployment.",
-                                 param="deployment")
+                                 f"backend, which does not serve jobs; jobs need a deployment "
+                                 f"of a backend that does ({able}).", param="deployment")
         return found
 
     def _files(self, project: str, job_input: JobInput,

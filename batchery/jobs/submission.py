@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batchery.exceptions import InvalidRequest
-from batchery.jobs.model import (
+from batchery.model.exceptions import InvalidRequest
+from batchery.model.jobs import (
     DEFAULT_ERROR_THRESHOLD,
     DEFAULT_MAX_RETRIES,
     InputKind,

@@ -17,8 +17,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from batchery.exceptions import Forbidden
-from batchery.trust import Principal
+from batchery.model.exceptions import Forbidden
+from batchery.security.trust import Principal
 from batchery.ui import auth
 
 HERE = Path(__file__).parent

@@ -17,9 +17,9 @@ from urllib.parse import quote
 
 from fastapi import Depends, Form, Request
 
-from batchery.auth import KeyRing, hash_key
-from batchery.exceptions import Forbidden, Unauthorized
-from batchery.trust import OPEN_PRINCIPAL, Principal
+from batchery.model.exceptions import Forbidden, Unauthorized
+from batchery.security.auth import KeyRing, hash_key
+from batchery.security.trust import OPEN_PRINCIPAL, Principal
 
 COOKIE = "batchery_key"
 COOKIE_PATH = "/ui"

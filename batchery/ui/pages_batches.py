@@ -17,13 +17,13 @@ from fastapi import File, Form, Request, UploadFile
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from batchery import ui
-from batchery.anthropic import MESSAGES_ENDPOINT
-from batchery.batches import SUPPORTED_ENDPOINTS, Batch, BatchStatus, same_endpoint
-from batchery.exceptions import BatcheryError, NotFound
-from batchery.gemini import GEMINI_ID_PREFIX
+from batchery.batchapi.gemini import GEMINI_ID_PREFIX
+from batchery.model.batches import SUPPORTED_ENDPOINTS, Batch, BatchStatus, same_endpoint
+from batchery.model.exceptions import BatcheryError, NotFound
 from batchery.runtime import Runtime
-from batchery.trust import Principal
+from batchery.security.trust import Principal
 from batchery.ui.auth import Csrf, PagePrincipal
+from batchery.wire.anthropic import MESSAGES_ENDPOINT
 
 router = ui.router
 

@@ -11,13 +11,13 @@ from fastapi import Form, Request
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from batchery.anthropic import MESSAGES_ENDPOINT
-from batchery.batches import BatchStatus
-from batchery.exceptions import Forbidden, InvalidRequest, NotFound, Unauthorized
-from batchery.jobs.model import JobStatus
+from batchery.model.batches import BatchStatus
+from batchery.model.exceptions import Forbidden, InvalidRequest, NotFound, Unauthorized
+from batchery.model.jobs import JobStatus
+from batchery.security.trust import Principal
 from batchery.stores.sql import tables as t
-from batchery.trust import Principal
 from batchery.ui import auth, forbidden_page, project_filter, render, router
+from batchery.wire.anthropic import MESSAGES_ENDPOINT
 
 #: A worker whose last heartbeat is older than this is shown as gone, in seconds.
 STALE_S = 60.0

@@ -14,13 +14,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from batchery import ui
-from batchery.auth import KeyRing
-from batchery.exceptions import InvalidRequest, NotFound
-from batchery.jobs.model import Job, JobStage, JobStatus, LogLine
 from batchery.jobs.service import JobService
-from batchery.trust import Principal
+from batchery.model.exceptions import InvalidRequest, NotFound
+from batchery.model.jobs import Job, JobStage, JobStatus, LogLine
+from batchery.model.webhooks import WebhookEndpoint
+from batchery.security.auth import KeyRing
+from batchery.security.trust import Principal
 from batchery.ui.auth import Csrf, PagePrincipal
-from batchery.webhooks.model import WebhookEndpoint
 from batchery.webhooks.service import WebhookService
 
 router = ui.router

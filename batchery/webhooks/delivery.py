@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from batchery.webhooks import model, signing
-from batchery.webhooks.model import AttemptResult, DeliveryClaim
-from batchery.webhooks.ports import WebhookOutbox
+from batchery.model import webhooks as model
+from batchery.model.webhooks import AttemptResult, DeliveryClaim
+from batchery.ports.webhooks import WebhookOutbox
+from batchery.webhooks import signing
 
 log = logging.getLogger("batchery.webhooks")
 

@@ -5,7 +5,7 @@ Framework-free; the HTTP routes and the CLI (through the routes) call it.
 * Signing secrets (`whsec_` + base64 of 32 random bytes) are made here and shown only by
   `create` and `rotate`; afterwards an endpoint shows a hint of its secret.
 * Every receiver URL, an endpoint's or a `webhook_url` given at create, passes the
-  operator's upstream allow-list (`check_webhook_url`).
+  operator's upstream allow-list (`batchery.security.webhook_urls`).
 * Endpoints belong to the project of the key that made them: other projects get 404.
 """
 
@@ -14,31 +14,30 @@ from __future__ import annotations
 import base64
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-from batchery import deployment_policy
-from batchery.exceptions import Conflict, InvalidRequest, NotFound
-from batchery.paging import Page
-from batchery.trust import TrustPolicy
-from batchery.webhooks import model, signing
-from batchery.webhooks.model import (
+from batchery.model import webhooks as model
+from batchery.model.exceptions import Conflict, InvalidRequest, NotFound
+from batchery.model.paging import Page
+from batchery.model.webhooks import (
     Delivery,
     DeliveryAttempt,
     DeliveryStatus,
     SigningSecrets,
     WebhookEndpoint,
 )
-from batchery.webhooks.ports import WebhookStore
+from batchery.ports.webhooks import WebhookStore
+from batchery.security.trust import TrustPolicy
+from batchery.security.webhook_urls import check_webhook_url
+from batchery.webhooks import signing
 
 #: Random bytes in a new signing secret (Standard Webhooks asks for 24 to 64).
 SECRET_BYTES = 32
 #: How long the previous secret keeps signing after `keep_old_secret_active_for_24_hours`.
 KEEP_OLD_SECRET_S = 24 * 3600
 MAX_NAME_CHARS = 256
-MAX_URL_CHARS = 2048
 #: How long `test` waits for a worker to send the sample event and hear the answer: a
 #: worker picks it up within a second or two, and a receiver has `TIMEOUT_S` to answer.
 TEST_WAIT_S = 20.0
@@ -48,19 +47,6 @@ _CREATE_FIELDS = ("name", "url", "event_types")
 _UPDATE_FIELDS = ("name", "url", "event_types", "status")
 _ROTATE_FIELDS = ("keep_old_secret_active_for_24_hours",)
 _TEST_FIELDS = ("event_type",)
-#: Who a refused receiver URL belongs to, in the allow-list's refusal.
-_WHO = "webhook URLs"
-
-
-#: A receiver URL, as JSON Schema (the API documents its bodies with it): what
-#: `check_webhook_url` accepts, but for the operator's allow-list. Ports 1 to 65535.
-_PORT = ("[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]"
-         "|6553[0-5]")
-URL_JSON_SCHEMA: dict[str, Any] = {
-    "type": "string", "maxLength": MAX_URL_CHARS,
-    "pattern": "^https?://[A-Za-z0-9]([A-Za-z0-9.-]{0,200}[A-Za-z0-9])?(:(" + _PORT + "))?"
-               "(/[A-Za-z0-9._~/%-]*)?$",
-    "description": "An http(s) URL to a host the operator allows (security.upstream_hosts)."}
 
 
 def new_secret() -> str:
@@ -70,38 +56,6 @@ def new_secret() -> str:
 def secret_hint(secret: str) -> str:
     """A masked hint that tells two secrets apart without revealing either."""
     return f"{signing.SECRET_PREFIX}****{secret.rstrip('=')[-4:]}"
-
-
-def check_webhook_url(value: Any, policy: TrustPolicy, param: str = "url") -> str:
-    """`value` as a receiver URL: an http(s) URL that names its host, to a host the operator
-    allows (in open mode, any host: the one local user's own receiver included)."""
-    if not isinstance(value, str):
-        raise InvalidRequest(f"Invalid type for '{param}': expected a string (an http or "
-                             f"https URL).", param=param, code="invalid_type")
-    if len(value) > MAX_URL_CHARS:
-        raise InvalidRequest(f"'{param}' is {len(value)} characters long; at most "
-                             f"{MAX_URL_CHARS} are allowed.", param=param, code="invalid_value")
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 (reading it checks the port)
-    except ValueError:
-        raise InvalidRequest(f"Invalid value for '{param}': '{value}' is not a valid URL.",
-                             param=param, code="invalid_value") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname \
-            or any(c.isspace() for c in value):
-        raise InvalidRequest(f"Invalid value for '{param}': expected an http or https URL that "
-                             f"names its host, such as 'https://example.com/webhooks'.",
-                             param=param, code="invalid_value")
-    if not policy.open:
-        deployment_policy.check_url(value, policy, param, who=_WHO)
-    return value
-
-
-def optional_webhook_url(body: Mapping[str, Any], policy: TrustPolicy) -> str | None:
-    """The `webhook_url` extension of a create body (a batch, message batch or job):
-    None when absent or null, else a checked receiver URL."""
-    value = body.get("webhook_url")
-    return None if value is None else check_webhook_url(value, policy, "webhook_url")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

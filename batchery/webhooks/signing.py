@@ -18,7 +18,7 @@ from typing import Protocol
 
 from standardwebhooks import Webhook
 
-from batchery.secrets import KEY_ENV
+from batchery.security.secrets import KEY_ENV
 
 SECRET_PREFIX = "whsec_"
 

@@ -199,7 +199,7 @@ def test_bad_requests_are_refused_at_create(client: anthropic.Anthropic) -> None
 
 
 def test_both_auth_styles_and_isolation(tmp_path: Path) -> None:
-    from batchery.auth import add_key
+    from batchery.security.auth import add_key
 
     keys = tmp_path / "keys.yaml"
     key_a, key_b = add_key(keys, "a")[1], add_key(keys, "b")[1]

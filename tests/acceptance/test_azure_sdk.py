@@ -20,7 +20,7 @@ import orjson
 import pytest
 from openai import AzureOpenAI, OpenAI
 
-from batchery.auth import add_key
+from batchery.security.auth import add_key
 from tests.conftest import Server, start_server
 from tests.helpers import SDK_DEPLOYMENTS, chat_file, chat_line, jsonl
 

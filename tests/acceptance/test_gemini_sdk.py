@@ -18,7 +18,7 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from batchery.auth import add_key
+from batchery.security.auth import add_key
 from batchery.stores.sql.store import SqlStore
 from tests.conftest import Server, start_server
 from tests.helpers import SDK_DEPLOYMENTS

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from batchery.auth import add_key
+from batchery.security.auth import add_key
 from tests.conftest import Server
 
 MIB = 1 << 20

@@ -334,7 +334,7 @@ def test_wire_shapes(server: Server) -> None:
 
 
 def test_auth_and_project_isolation(tmp_path: Path) -> None:
-    from batchery.auth import add_key
+    from batchery.security.auth import add_key
 
     keys = tmp_path / "keys.yaml"
     key_a, key_b = add_key(keys, "team-a")[1], add_key(keys, "team-b")[1]

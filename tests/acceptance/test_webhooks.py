@@ -30,7 +30,7 @@ import yaml
 from openai import InvalidWebhookSignatureError, OpenAI
 from openai.types.webhooks import BatchCompletedWebhookEvent, WebhookEndpointWithSecret
 
-from batchery.auth import add_key
+from batchery.security.auth import add_key
 from tests.acceptance.jobs_support import deployment
 from tests.conftest import Server, free_port, start_server
 from tests.helpers import chat_file

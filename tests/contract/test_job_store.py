@@ -1,4 +1,4 @@
-"""The job store port's contract (`batchery/jobs/store.py`), over every adapter."""
+"""The job store port's contract (`batchery/ports/jobs.py`), over every adapter."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from batchery.deployments import API, Deployment, Endpoint
-from batchery.exceptions import Conflict, NotFound
-from batchery.jobs.model import (
+from batchery.model.deployments import API, Deployment, Endpoint
+from batchery.model.exceptions import Conflict, NotFound
+from batchery.model.jobs import (
     BatchSpec,
     InputKind,
     Job,
@@ -22,7 +22,7 @@ from batchery.jobs.model import (
     WorkerState,
     job_id,
 )
-from batchery.jobs.store import NewLogLine
+from batchery.ports.jobs import NewLogLine
 from batchery.stores.sql.store import SqlStore
 
 LONG = 60.0
@@ -150,7 +150,7 @@ def test_expired_leases_are_reaped_and_their_workers_marked_failed(store: SqlSto
                                       last_heartbeat=time.time()))
     time.sleep(SHORT_WAIT)
     (reaped,) = store.reap_expired_batches()
-    assert reaped.owner == "dead-worker" and not reaped.dead
+    assert reaped.owner == "dead-worker" and not reaped.dropped
     assert not store.complete_batch(lease, out_key=None, duration_s=1)  # fenced out
     (worker,) = store.list_job_workers(job.id)
     assert worker.state is WorkerState.FAILED

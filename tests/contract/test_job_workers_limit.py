@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from batchery.deployments import Deployment, Endpoint
-from batchery.jobs.model import BatchSpec, InputKind, Job, JobInput, JobOptions, job_id
+from batchery.model.deployments import Deployment, Endpoint
+from batchery.model.jobs import BatchSpec, InputKind, Job, JobInput, JobOptions, job_id
 from batchery.stores.sql import engine as engines
 from batchery.stores.sql.store import SqlStore
 from batchery.stores.sql.tables import jobs

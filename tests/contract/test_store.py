@@ -1,6 +1,6 @@
 """The `Store` port's contract, run once over every adapter (SQLite and PostgreSQL).
 
-Each test states what the port promises (see the docstrings in `batchery/store.py`) and
+Each test states what the port promises (see the docstrings in `batchery/ports/store.py`) and
 checks it through the port alone, except the migration tests, which look at the schema.
 """
 
@@ -21,12 +21,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from batchery.batches import Batch, BatchError, BatchStatus, EndReason
-from batchery.chunks import ChunkLease, ChunkResult, ChunkSpec, ChunkState
-from batchery.deployments import Deployment
-from batchery.exceptions import Conflict, NotFound
-from batchery.files import FileRecord
-from batchery.store import PhaseLease, Store, WorkerInfo
+from batchery.model.batches import Batch, BatchError, BatchStatus, EndReason
+from batchery.model.chunks import ChunkLease, ChunkPart, ChunkSpec, ChunkState
+from batchery.model.deployments import Deployment
+from batchery.model.exceptions import Conflict, NotFound
+from batchery.model.files import FileRecord
+from batchery.ports.store import PhaseLease, Store, WorkerInfo
 from batchery.stores.sql import engine as engines
 from batchery.stores.sql import migrate, tables
 from batchery.stores.sql.store import SqlStore
@@ -72,10 +72,13 @@ def specs(n: int, lines: int = 10) -> list[ChunkSpec]:
                       first_line=i * lines, n_lines=lines) for i in range(n)]
 
 
-def result(n_ok: int, n_err: int, *, tokens: int = 0, tag: str = "x") -> ChunkResult:
-    return ChunkResult(n_ok=n_ok, n_err=n_err, out_key=f"parts/{tag}.out",
-                       err_key=f"parts/{tag}.err" if n_err else None,
-                       input_tokens=tokens, output_tokens=2 * tokens)
+def result(n_ok: int, n_err: int, *, tokens: int = 0, tag: str = "x",
+           first: int = 0) -> ChunkPart:
+    """A part answering `n_ok + n_err` lines, which start at offsets `first`, `first + 1`…"""
+    return ChunkPart(n_ok=n_ok, n_err=n_err, out_key=f"parts/{tag}.out",
+                     err_key=f"parts/{tag}.err" if n_err else None,
+                     offsets=tuple(range(first, first + n_ok + n_err)),
+                     input_tokens=tokens, output_tokens=2 * tokens)
 
 
 def claim_phase(store: Store, batch_id: str, lease_s: float = LONG,
@@ -665,7 +668,7 @@ def test_renew_chunk(store: Store) -> None:
     lease = claim_chunk(store, SHORT)
     assert store.renew_chunk(lease, LONG)
     time.sleep(SHORT_WAIT)
-    assert store.reap_expired(5) == 0  # renewed: still ours
+    assert store.reap_expired() == 0  # renewed: still ours
     assert store.renew_chunk(lease, LONG)
     assert store.complete_chunk(lease, result(10, 0))
     assert not store.renew_chunk(lease, LONG)
@@ -684,8 +687,9 @@ def test_complete_chunk_is_fenced(store: Store) -> None:
     assert (got.completed, got.failed, got.input_tokens, got.output_tokens) == (8, 2, 100, 200)
     assert got.status is BatchStatus.IN_PROGRESS
     chunk = store.list_chunks(batch.id)[0]
-    assert (chunk.state, chunk.n_ok, chunk.n_err, chunk.out_key, chunk.err_key) == (
-        ChunkState.DONE, 8, 2, "parts/c0.out", "parts/c0.err")
+    assert (chunk.state, chunk.n_ok, chunk.n_err) == (ChunkState.DONE, 8, 2)
+    [part] = store.list_parts(batch.id)
+    assert (part.out_key, part.err_key, len(part.offsets)) == ("parts/c0.out", "parts/c0.err", 10)
     # Neither can a completed chunk be handed back, nor failed for good.
     store.release_chunk(lease, error="late", count_attempt=True, max_attempts=1)
     assert store.list_chunks(batch.id)[0] == chunk
@@ -697,20 +701,21 @@ def test_a_reaped_and_reclaimed_chunk_cannot_be_completed_by_its_old_lease(
     batch = started_batch(store, 1)
     old = claim_chunk(store, SHORT, owner="slow")
     time.sleep(SHORT_WAIT)
-    assert store.reap_expired(5) == 1
+    assert store.reap_expired() == 1
     chunk = store.list_chunks(batch.id)[0]
-    assert (chunk.state, chunk.attempts) == (ChunkState.QUEUED, 1)
+    # Its worker died: an expiry, which costs the chunk no attempt.
+    assert (chunk.state, chunk.attempts, chunk.expiries) == (ChunkState.QUEUED, 0, 1)
     assert chunk.last_error
 
     new = claim_chunk(store, LONG, owner="fast")
-    assert (new.chunk_id, new.attempts) == (old.chunk_id, 1)
+    assert (new.chunk_id, new.attempts, new.expiries) == (old.chunk_id, 0, 1)
     assert not store.renew_chunk(old, LONG)
     assert not store.complete_chunk(old, result(10, 0, tag="old"))
     assert store.complete_chunk(new, result(9, 1, tag="new"))
     assert not store.complete_chunk(old, result(10, 0, tag="old"))
     got = get_batch(store, batch.id)
     assert (got.completed, got.failed) == (9, 1)
-    assert store.list_chunks(batch.id)[0].out_key == "parts/new.out"
+    assert [p.out_key for p in store.list_parts(batch.id)] == ["parts/new.out"]
 
 
 def test_counts_are_live_and_the_last_chunk_finalizes(store: Store) -> None:
@@ -793,28 +798,37 @@ def test_reap_expired(store: Store) -> None:
     long = claim_chunk(store, LONG, owner="alive")
     time.sleep(SHORT_WAIT)
 
-    assert store.reap_expired(5) == 1
+    assert store.reap_expired() == 1
+    # Expiries cost no attempt: a worker that died never fails the lines it held.
     assert chunk_states(store, batch.id) == [
-        (ChunkState.QUEUED, 1), (ChunkState.LEASED, 0), (ChunkState.QUEUED, 0)]
-    assert store.reap_expired(5) == 0
+        (ChunkState.QUEUED, 0), (ChunkState.LEASED, 0), (ChunkState.QUEUED, 0)]
+    assert [c.expiries for c in store.list_chunks(batch.id)] == [1, 0, 0]
+    assert store.reap_expired() == 0
     assert store.renew_chunk(long, LONG)
 
-    # Out of attempts: the reaper fails the chunk and counts its lines.
-    again = claim_chunk(store, SHORT, owner="dead")
-    assert (again.chunk_id, again.attempts) == (short.chunk_id, 1)
-    time.sleep(SHORT_WAIT)
-    assert store.reap_expired(2) == 1
-    assert chunk_states(store, batch.id)[0] == (ChunkState.FAILED, 2)
-    assert get_batch(store, batch.id).failed == 10
-    assert not store.complete_chunk(again, result(10, 0))
-    assert get_batch(store, batch.id).completed == 0
+    # Dying again and again only grows the run of expiries; the reaper fails nothing.
+    for n in (2, 3, 4):
+        again = claim_chunk(store, SHORT, owner="dead")
+        assert (again.chunk_id, again.expiries) == (short.chunk_id, n - 1)
+        time.sleep(SHORT_WAIT)
+        assert store.reap_expired() == 1
+        assert not store.complete_chunk(again, result(10, 0))
+        assert store.list_chunks(batch.id)[0].expiries == n
+    assert get_batch(store, batch.id).failed == 0
+
+    # Progress committed under a lease starts the run of expiries again.
+    progress = claim_chunk(store)
+    assert progress.chunk_id == short.chunk_id
+    assert store.commit_part(progress, result(3, 0, tag="p"))
+    assert store.list_chunks(batch.id)[0].expiries == 0
+    assert store.complete_chunk(progress, result(7, 0, tag="q", first=3))
 
     third = claim_chunk(store)
     assert third.spec.index == 2
     assert store.complete_chunk(third, result(10, 0))
     assert store.complete_chunk(long, result(10, 0))
     got = get_batch(store, batch.id)
-    assert (got.completed, got.failed, got.status) == (20, 10, BatchStatus.FINALIZING)
+    assert (got.completed, got.failed, got.status) == (30, 0, BatchStatus.FINALIZING)
 
 
 def test_abort_open_chunks_fences_out_their_leases(store: Store) -> None:

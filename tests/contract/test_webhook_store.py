@@ -1,4 +1,4 @@
-"""The webhook store's contract (`batchery/webhooks/ports.py`), on SQLite and PostgreSQL:
+"""The webhook store's contract (`batchery/ports/webhooks.py`), on SQLite and PostgreSQL:
 endpoints scoped by project, secrets sealed at rest, the outbox written in the transaction
 that ends a batch or job, leased claims that never overlap, attempts, disabling."""
 
@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from batchery.batches import Batch, BatchError, BatchStatus, EndReason
-from batchery.jobs.model import InputKind, Job, JobInput, JobOptions, JobStatus, job_id
-from batchery.store import PhaseLease
+from batchery.model.batches import Batch, BatchError, BatchStatus, EndReason
+from batchery.model.jobs import InputKind, Job, JobInput, JobOptions, JobStatus, job_id
+from batchery.ports.store import PhaseLease
 from batchery.stores.sql import store as store_module
 from batchery.stores.sql.store import SqlStore
 from batchery.stores.sql.tables import webhook_endpoints
-from batchery.webhooks import model
-from batchery.webhooks.model import (
+from batchery.model import webhooks as model
+from batchery.model.webhooks import (
     AttemptResult,
     DeliveryClaim,
     DeliveryStatus,

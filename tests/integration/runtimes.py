@@ -13,13 +13,14 @@ from typing import Any
 import orjson
 import pytest
 
-from batchery.batches import Batch
-from batchery.deployments import Deployment
+from batchery.model.batches import Batch
+from batchery.model.deployments import Deployment
 from batchery.filestores.fsspec_store import FsspecFileStore
-from batchery.retry import RetryPolicy
-from batchery.service import BatchService
+from batchery.model.retry import RetryPolicy
+from batchery.batchapi.service import BatchService
 from batchery.stores.sql.store import SqlStore
-from batchery.worker import Worker, WorkerConfig
+from batchery.queue.worker import WorkerConfig
+from batchery.workers import worker as worker_for
 from tests.conftest import CI
 from tests.helpers import jsonl
 
@@ -52,7 +53,7 @@ def run_batch(tmp_path: Path, deployments: list[Deployment], lines: list[Line], 
         record = service.upload("proj", io.BytesIO(jsonl(lines)), filename="in.jsonl",
                                 purpose="batch")
         batch = service.create_batch("proj", input_file_id=record.id, endpoint=endpoint)
-        worker = Worker(store, files, WorkerConfig(retry=RetryPolicy(max_attempts=1),
+        worker = worker_for(store, files, WorkerConfig(retry=RetryPolicy(max_attempts=1),
                                                    poll_s=0.02))
         deadline = time.monotonic() + timeout
         try:

@@ -16,15 +16,16 @@ from typing import Any
 import orjson
 import pytest
 
-from batchery import remote
+from batchery.batchapi import remote
 from batchery.backends import remote_gemini
-from batchery.batches import Batch, BatchStatus
-from batchery.deployments import Deployment
+from batchery.model.batches import Batch, BatchStatus
+from batchery.model.deployments import Deployment
 from batchery.filestores.fsspec_store import FsspecFileStore
-from batchery.message_batches import MessageBatchService
-from batchery.service import BatchService
+from batchery.batchapi.message_batches import MessageBatchService
+from batchery.batchapi.service import BatchService
 from batchery.stores.sql.store import SqlStore
-from batchery.worker import Worker, WorkerConfig
+from batchery.queue.worker import WorkerConfig
+from batchery.workers import worker as worker_for
 from tests.helpers import chat_file, chat_line, jsonl
 from tests.integration.fake_gemini import FOREIGN_UPLOAD_HOST, KEY, FakeGemini
 
@@ -54,7 +55,7 @@ def ours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             "base_url": fake.base_url, "api_key_env": KEY_ENV, "model": "gemini-test",
             **options})])
         files = FsspecFileStore(str(tmp_path / "files"))
-        worker = Worker(store, files, WorkerConfig(jobs=False, poll_s=0.01))
+        worker = worker_for(store, files, WorkerConfig(jobs=False, poll_s=0.01))
         started.append(Ours(store=store, files=files, batches=BatchService(store, files),
                             messages=MessageBatchService(store, files), worker=worker))
         return started[-1]

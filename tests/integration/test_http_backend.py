@@ -14,19 +14,21 @@ import orjson
 import pytest
 from starlette.testclient import TestClient
 
-from batchery import backends, execution
+from batchery import backends
+from batchery.batchapi import execution
 from batchery.api.app import create_app
-from batchery.backend import ModelBackend, Request
+from batchery.ports.backend import ModelBackend, Request
 from batchery.backends.http_template import HttpBackend
-from batchery.deployments import Deployment
-from batchery.exceptions import ConfigError
+from batchery.model.deployments import Deployment
+from batchery.model.exceptions import ConfigError
 from batchery.filestores.fsspec_store import FsspecFileStore
-from batchery.retry import RetryPolicy
+from batchery.model.retry import RetryPolicy
 from batchery.runtime import open_runtime
-from batchery.service import BatchService
+from batchery.batchapi.service import BatchService
 from batchery.settings import Settings
 from batchery.stores.sql.store import SqlStore
-from batchery.worker import Worker, WorkerConfig
+from batchery.queue.worker import WorkerConfig
+from batchery.workers import worker as worker_for
 from tests.helpers import jsonl
 from tests.integration.rest_model import (
     INVALID,
@@ -488,7 +490,7 @@ def test_end_to_end_through_the_worker(tmp_path: Path,
             record = service.upload("proj", io.BytesIO(jsonl(lines)), filename="in.jsonl",
                                     purpose="batch")
             batch = service.create_batch("proj", input_file_id=record.id, endpoint=EMBEDDINGS)
-            worker = Worker(store, files, WorkerConfig(retry=POLICY, poll_s=0.05))
+            worker = worker_for(store, files, WorkerConfig(retry=POLICY, poll_s=0.05))
             batch = drive(worker, service, batch.id)
 
             assert batch.status == "completed", batch.errors

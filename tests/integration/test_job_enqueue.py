@@ -9,10 +9,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from batchery.queue.lease import LeaseLost
+
 from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.jobs import enqueue
 from batchery.jobs.joblog import JobLog
-from batchery.jobs.model import InputKind, Job, JobInput, JobOptions, JobStage, job_id
+from batchery.model.jobs import InputKind, Job, JobInput, JobOptions, JobStage, job_id
 from batchery.stores.sql.store import SqlStore
 
 
@@ -75,7 +77,7 @@ def test_an_interrupted_enqueue_resumes_without_loss_or_repeat(
         flushes += 1
         return flushes > 2
 
-    with pytest.raises(enqueue.LeaseLost):
+    with pytest.raises(LeaseLost):
         enqueue.enqueue(store, files, first, lost_after_two_segments, log)
     store.release_job_phase(first)
     second = store.claim_job_phase("w2", 60, None)

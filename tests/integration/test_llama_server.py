@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from batchery.backends.generation import resolve_path
-from batchery.deployments import Deployment
+from batchery.model.deployments import Deployment
 from tests.conftest import free_port
 from tests.integration.runtimes import SMOLLM2, line, require, run_batch
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import orjson
 
 from batchery.api.anthropic_wire import request_counts
-from batchery.deployments import Deployment
+from batchery.model.deployments import Deployment
 from batchery.filestores.fsspec_store import FsspecFileStore
-from batchery.message_batches import MessageBatchService
+from batchery.batchapi.message_batches import MessageBatchService
 from batchery.stores.sql.store import SqlStore
-from batchery.worker import Worker
+from batchery.workers import worker as worker_for
 
 
 def test_a_batch_cancelled_before_validation_reports_every_request(tmp_path: Path) -> None:
@@ -24,7 +24,7 @@ def test_a_batch_cancelled_before_validation_reports_every_request(tmp_path: Pat
                                           "messages": [{"role": "user", "content": "x"}]}}
         for i in range(7)])
     service.cancel("p", batch.id)
-    worker = Worker(store, files)
+    worker = worker_for(store, files)
     try:
         assert worker.run_once()
     finally:

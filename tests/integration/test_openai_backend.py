@@ -15,16 +15,17 @@ from typing import Any
 import orjson
 import pytest
 
-from batchery import execution
-from batchery.backend import ModelBackend, Reply, Request
+from batchery.batchapi import execution
+from batchery.ports.backend import ModelBackend, Reply, Request
 from batchery.backends.openai_http import OpenAIBackend
-from batchery.deployments import Deployment
-from batchery.exceptions import ConfigError
+from batchery.model.deployments import Deployment
+from batchery.model.exceptions import ConfigError
 from batchery.filestores.fsspec_store import FsspecFileStore
-from batchery.retry import RetryPolicy
-from batchery.service import BatchService
+from batchery.model.retry import RetryPolicy
+from batchery.batchapi.service import BatchService
 from batchery.stores.sql.store import SqlStore
-from batchery.worker import Worker, WorkerConfig
+from batchery.queue.worker import WorkerConfig
+from batchery.workers import worker as worker_for
 from tests.helpers import chat_line, jsonl
 from tests.integration.fake_upstream import (
     BAD_REQUEST,
@@ -350,7 +351,7 @@ def test_end_to_end_through_the_worker(tmp_path: Path, upstream: FakeUpstream) -
         record = service.upload("proj", io.BytesIO(jsonl(lines)), filename="in.jsonl",
                                 purpose="batch")
         batch = service.create_batch("proj", input_file_id=record.id, endpoint=ENDPOINT)
-        worker = Worker(store, files, WorkerConfig(retry=POLICY, poll_s=0.05))
+        worker = worker_for(store, files, WorkerConfig(retry=POLICY, poll_s=0.05))
         deadline = time.monotonic() + 30
         try:
             while not (batch := service.get_batch("proj", batch.id)).status.is_terminal:

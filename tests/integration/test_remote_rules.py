@@ -26,14 +26,15 @@ from typing import Any
 import orjson
 import pytest
 
-from batchery import remote
-from batchery.batches import Batch, BatchStatus
-from batchery.deployments import Deployment
+from batchery.batchapi import remote
+from batchery.model.batches import Batch, BatchStatus
+from batchery.model.deployments import Deployment
 from batchery.filestores.fsspec_store import FsspecFileStore
-from batchery.message_batches import MessageBatchService
-from batchery.service import BatchService
+from batchery.batchapi.message_batches import MessageBatchService
+from batchery.batchapi.service import BatchService
 from batchery.stores.sql.store import SqlStore
-from batchery.worker import Worker, WorkerConfig
+from batchery.queue.worker import WorkerConfig
+from batchery.workers import worker as worker_for
 from tests.helpers import chat_file
 from tests.integration.threaded_server import ThreadedServer
 
@@ -251,7 +252,7 @@ def start_ours(tmp_path: Path, provider: FakeBatchProvider) -> Ours:
                    options={"base_url": provider.base_url, **options}),
     ])
     files = FsspecFileStore(str(tmp_path / "files"))
-    worker = Worker(store, files, WorkerConfig(jobs=False, poll_s=0.01))
+    worker = worker_for(store, files, WorkerConfig(jobs=False, poll_s=0.01))
     return Ours(store=store, files=files, batches=BatchService(store, files),
                 messages=MessageBatchService(store, files), worker=worker)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from batchery.backend import Reply, Request
+from batchery.ports.backend import Reply, Request
 from batchery.backends.vllm import ParamsFactory, VllmBackend
 
 CHAT = "/v1/chat/completions"

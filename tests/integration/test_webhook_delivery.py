@@ -20,11 +20,12 @@ import openai
 import pytest
 import standardwebhooks
 
-from batchery.batches import Batch, BatchStatus, EndReason
+from batchery.model.batches import Batch, BatchStatus, EndReason
 from batchery.stores.sql.store import SqlStore
-from batchery.webhooks import model, signing
+from batchery.webhooks import signing
+from batchery.model import webhooks as model
 from batchery.webhooks.delivery import DeliveryConfig, WebhookDelivery, retry_delay, retry_in
-from batchery.webhooks.model import (
+from batchery.model.webhooks import (
     DeliveryStatus,
     EndpointStatus,
     SigningSecrets,

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from batchery import auth, trust
-from batchery.auth import KeyRing
-from batchery.exceptions import ConfigError, Conflict, InvalidRequest, NotFound, Unauthorized
-from batchery.trust import Role
+from batchery.security import auth
+from batchery.security import trust
+from batchery.security.auth import KeyRing
+from batchery.model.exceptions import ConfigError, Conflict, InvalidRequest, NotFound, Unauthorized
+from batchery.security.trust import Role
 
 
 class Clock:

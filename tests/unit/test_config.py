@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from batchery import auth, deployments
-from batchery.backends import create
-from batchery.batches import window_seconds
-from batchery.exceptions import ConfigError, Unauthorized
-from batchery.retry import RetryPolicy
+from batchery.backends import check_options, create
+from batchery.model import deployments
+from batchery.model.batches import window_seconds
+from batchery.model.exceptions import ConfigError, Unauthorized
+from batchery.model.retry import RetryPolicy
+from batchery.security import auth
 
 
 def test_deployments_parse_and_errors_say_where(tmp_path: Path) -> None:
@@ -26,6 +27,20 @@ def test_deployments_parse_and_errors_say_where(tmp_path: Path) -> None:
         deployments.load(broken)
     with pytest.raises(ConfigError, match="cannot read config file"):
         deployments.load(tmp_path / "missing.yaml")
+
+
+def test_each_backend_checks_its_options_as_the_config_is_read(tmp_path: Path) -> None:
+    python = {"deployments": [{"name": "p", "backend": "python",
+                               "options": {"predictor": "m:P", "python_path": ["code"]}}]}
+    parsed = deployments.parse(python, base_dir=tmp_path, check_options=check_options)
+    assert parsed.deployments[0].options["python_path"] == [str((tmp_path / "code").resolve())]
+    bad = {"endpoints": [{"name": "ep", "deployments": [
+        {"name": "v1", "backend": "python", "options": {"predictor": "no-class"}}]}]}
+    with pytest.raises(ConfigError, match=r"endpoints\[0\]\.deployments\[0\]\.options\."
+                                          r"predictor: expected 'module.path:ClassName'"):
+        deployments.parse(bad, check_options=check_options)
+    # The model knows no backend: without the registry's check, options stay as given.
+    assert deployments.parse(python).deployments[0].options["python_path"] == ["code"]
 
 
 def test_backend_registry_errors() -> None:

@@ -14,12 +14,14 @@ from typing import Any, cast
 
 import pytest
 
-from batchery import backends, deployment_policy, deployments
+from batchery import backends
 from batchery.cli import server as server_cli
-from batchery.deployments import API, CONFIG, Deployment, WorkerPoolSpec
-from batchery.exceptions import ConfigError, Forbidden, InvalidRequest
+from batchery.model import deployments
+from batchery.model.deployments import API, CONFIG, Deployment, WorkerPoolSpec
+from batchery.model.exceptions import ConfigError, Forbidden, InvalidRequest
+from batchery.security import deployment_policy
+from batchery.security.trust import Limits, TrustPolicy
 from batchery.settings import Settings
-from batchery.trust import Limits, TrustPolicy
 
 SHARED = TrustPolicy(open=False, allowed_env=frozenset({"OPENAI_API_KEY"}),
                      upstream_hosts=("api.openai.com", "127.0.0.1:9000", "*.example.com",
@@ -31,8 +33,15 @@ def connector(**options: Any) -> Deployment:
                       options={"base_url": "https://api.openai.com/v1", **options})
 
 
+def check(deployment: Deployment, policy: TrustPolicy, *, via_api: bool) -> None:
+    """The policy, told what the backend registry says of the deployment's backend (as
+    the jobs service and the runtime tell it)."""
+    deployment_policy.check(deployment, policy, via_api=via_api,
+                            runs_user_code=backends.runs_user_code(deployment.backend))
+
+
 def check_api(deployment: Deployment, policy: TrustPolicy = SHARED) -> None:
-    deployment_policy.check(deployment, policy, via_api=True)
+    check(deployment, policy, via_api=True)
 
 
 def fake_dns(monkeypatch: pytest.MonkeyPatch, names: dict[str, str]) -> None:
@@ -104,7 +113,7 @@ def test_urls_must_name_their_host_plainly() -> None:
 def test_open_mode_and_the_config_file_reach_any_host() -> None:
     anywhere = connector(base_url="http://10.9.9.9:1234/v1")
     check_api(anywhere, TrustPolicy())  # open mode
-    deployment_policy.check(anywhere, SHARED, via_api=False)  # the operator's own file
+    check(anywhere, SHARED, via_api=False)  # the operator's own file
 
 
 # -- environment variables -----------------------------------------------------------------
@@ -132,9 +141,9 @@ def test_batchery_variables_are_refused_everywhere() -> None:
         with pytest.raises(Forbidden, match="BATCHERY_SECRET_KEY"):
             check_api(secret, policy)
     with pytest.raises(ConfigError, match=r"deployment 'ep/v1': options\.api_key_env.*reserved"):
-        deployment_policy.check(secret, TrustPolicy(), via_api=False)
+        check(secret, TrustPolicy(), via_api=False)
     with pytest.raises(ConfigError, match=r"options\.env\.batchery_data_dir"):
-        deployment_policy.check(Deployment(name="p", backend="python", options={
+        check(Deployment(name="p", backend="python", options={
             "predictor": "m:P", "env": {"batchery_data_dir": "/tmp"}}), SHARED, via_api=False)
 
 
@@ -147,11 +156,26 @@ def test_code_deployments_over_rest_need_the_operators_consent() -> None:
         check_api(code)
     check_api(code, dataclasses.replace(SHARED, allow_code_deployments=True))
     check_api(code, TrustPolicy())  # open mode
-    deployment_policy.check(code, SHARED, via_api=False)  # the config file
+    check(code, SHARED, via_api=False)  # the config file
     post = Deployment(name="h", backend="http", options={
         "url": "https://api.openai.com/x", "response": {"post_process": "os:system"}})
     with pytest.raises(Forbidden, match=r"options\.response\.post_process"):
         check_api(post)
+
+
+def test_code_consent_follows_what_the_backend_declares_not_its_name() -> None:
+    """The policy names no backend: it asks whether this one runs user code."""
+    some = Deployment(name="p", backend="anything", options={})
+    with pytest.raises(Forbidden, match=r"runs user code \(backend 'anything'\)"):
+        deployment_policy.check(some, SHARED, via_api=True, runs_user_code=True)
+    deployment_policy.check(some, SHARED, via_api=True, runs_user_code=False)
+
+
+def test_the_registry_reads_what_each_backend_declares() -> None:
+    assert backends.runs_user_code("python") and backends.serves_jobs("python")
+    for name in ("echo", "openai", "http", "openai_batch", "no-such-backend"):
+        assert not backends.runs_user_code(name) and not backends.serves_jobs(name)
+    assert backends.job_backends() == ["python"]
 
 
 def test_python_path_may_not_lead_into_protected_paths(tmp_path: Path) -> None:
@@ -165,16 +189,16 @@ def test_python_path_may_not_lead_into_protected_paths(tmp_path: Path) -> None:
         return Deployment(name="p", backend="python",
                           options={"predictor": "m:P", "python_path": [path]})
 
-    deployment_policy.check(code(str(tmp_path / "code")), policy, via_api=True)
+    check(code(str(tmp_path / "code")), policy, via_api=True)
     through_dots = str(tmp_path / "code" / ".." / "data" / "files")
     for path in (through_dots, str(tmp_path / "sneaky"), str(data)):
         with pytest.raises(Forbidden, match=r"options\.python_path\[0\]"):
-            deployment_policy.check(code(path), policy, via_api=True)
+            check(code(path), policy, via_api=True)
         with pytest.raises(ConfigError, match=r"python_path\[0\].*data"):
-            deployment_policy.check(code(path), policy, via_api=False)
+            check(code(path), policy, via_api=False)
     # A sibling whose name merely starts with the protected one is not inside it.
     (tmp_path / "data-other").mkdir()
-    deployment_policy.check(code(str(tmp_path / "data-other")), policy, via_api=True)
+    check(code(str(tmp_path / "data-other")), policy, via_api=True)
 
 
 def test_config_python_path_is_checked_after_resolution(tmp_path: Path) -> None:
@@ -183,10 +207,10 @@ def test_config_python_path_is_checked_after_resolution(tmp_path: Path) -> None:
     parsed = deployments.parse({"deployments": [{
         "name": "p", "backend": "python",
         "options": {"predictor": "m:P", "python_path": ["sub/../data"]}}]},
-        base_dir=tmp_path).deployments[0]
+        base_dir=tmp_path, check_options=backends.check_options).deployments[0]
     assert parsed.options["python_path"] == [str(data.resolve())]
     with pytest.raises(ConfigError, match="python_path"):
-        deployment_policy.check(parsed, TrustPolicy(protected_paths=(str(data),)),
+        check(parsed, TrustPolicy(protected_paths=(str(data),)),
                                 via_api=False)
 
 
@@ -200,7 +224,7 @@ def test_workers_max_is_capped() -> None:
         check_api(big, policy)
     assert refused.value.param == "workers.max"
     with pytest.raises(ConfigError, match=r"workers\.max"):
-        deployment_policy.check(big, policy, via_api=False)
+        check(big, policy, via_api=False)
     check_api(dataclasses.replace(big, workers=WorkerPoolSpec(min=4, max=4)), policy)
 
 
@@ -252,7 +276,7 @@ def test_protected_paths_compare_real_paths(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(real)
     policy = TrustPolicy(protected_paths=(str(tmp_path / "link"),))
     with pytest.raises(Forbidden):
-        deployment_policy.check(Deployment(name="p", backend="python", options={
+        check(Deployment(name="p", backend="python", options={
             "predictor": "m:P", "python_path": [os.fspath(real)]}), policy, via_api=True)
 
 

@@ -4,7 +4,7 @@ import asyncio
 import base64
 import struct
 
-from batchery.backend import Request
+from batchery.ports.backend import Request
 from batchery.backends import echo
 from batchery.backends.echo import EchoBackend
 

@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from batchery import gemini
-from batchery.batches import Batch, BatchStatus
-from batchery.exceptions import InvalidRequest
+from batchery.batchapi import gemini
+from batchery.model.batches import Batch, BatchStatus
+from batchery.model.exceptions import InvalidRequest
 from batchery.filestores.fsspec_store import FsspecFileStore
 
 

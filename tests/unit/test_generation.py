@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from batchery import deployments
-from batchery.backend import Reply
+from batchery.model import deployments
+from batchery.ports.backend import Reply
 from batchery.backends import generation
 from batchery.backends.generation import Generation
 

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.registry import _registry
 
-from batchery.exceptions import InvalidRequest
-from batchery.files import FileRecord
+from batchery.model.exceptions import InvalidRequest
+from batchery.model.files import FileRecord
 from batchery.jobs import enqueue, inputs, submission
-from batchery.jobs.model import InputKind, JobInput
+from batchery.model.jobs import InputKind, JobInput
 
 
 @pytest.mark.parametrize(("pattern", "matches", "misses"), [

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from batchery.exceptions import InvalidRequest
+from batchery.model.exceptions import InvalidRequest
 from batchery.jobs import inputs
 from batchery.jobs.sandbox import Sandbox, place
-from batchery.trust import ProjectGrant, TrustPolicy
+from batchery.security.trust import ProjectGrant, TrustPolicy
 
 PARAM = "file_path_lister.paths"
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from batchery.exceptions import InvalidRequest
+from batchery.model.exceptions import InvalidRequest
 from batchery.jobs import submission
-from batchery.jobs.model import InputKind, OutputMode
+from batchery.model.jobs import InputKind, OutputMode
 
 ITEMS = {"item_list": {"items": [1, 2], "batch_size": 1}}
 

@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 
-from batchery.exceptions import ConfigError
-from batchery.jobs.predictor import (
+from batchery.backends.predictor import (
     PredictorError,
     PredictorOptions,
     load_predictor,
     merge_config,
     parse_options,
 )
+from batchery.model.exceptions import ConfigError
 
 _names = itertools.count()
 marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="unset")

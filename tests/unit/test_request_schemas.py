@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from batchery import request_schemas
-from batchery.request_schemas import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, RESPONSES
+from batchery.wire import request_schemas
+from batchery.wire.request_schemas import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, RESPONSES
 
 USER = [{"role": "user", "content": "hi"}]
 

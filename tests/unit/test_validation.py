@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from batchery import validation
+from batchery.batchapi import validation
 from tests.helpers import chat_file, chat_line, jsonl
 
 ENDPOINT = "/v1/chat/completions"

@@ -16,16 +16,17 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from batchery.exceptions import Conflict, Forbidden, InvalidRequest, NotFound
 from batchery.jobs import submission
+from batchery.model import webhooks as model
+from batchery.model.exceptions import Conflict, Forbidden, InvalidRequest, NotFound
+from batchery.model.webhooks import AttemptResult
+from batchery.security.trust import TrustPolicy
+from batchery.security.webhook_urls import check_webhook_url
 from batchery.stores.sql.store import SqlStore
-from batchery.trust import TrustPolicy
-from batchery.webhooks import model, signing
-from batchery.webhooks.model import AttemptResult
+from batchery.webhooks import signing
 from batchery.webhooks.service import (
     KEEP_OLD_SECRET_S,
     WebhookService,
-    check_webhook_url,
     secret_hint,
 )
 

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from batchery.api.deps import Project, Service
 from batchery.api.routes import batches, files, models
 from batchery.api.routes.webhooks import Webhooks
-from batchery.exceptions import InvalidRequest
+from batchery.model.exceptions import InvalidRequest
 
 #: Azure's shortest file expiry (`expires_after.seconds`): 14 days.
 MIN_EXPIRES_AFTER_S = 14 * 86400

@@ -12,11 +12,11 @@ from batchery.api.bodies import json_body
 from batchery.api.deps import Project, Service
 from batchery.api.responses import ok
 from batchery.api.routes.webhooks import Webhooks
-from batchery.batches import SUPPORTED_ENDPOINTS
-from batchery.exceptions import InvalidRequest
-from batchery.files import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S
-from batchery.service import MAX_METADATA_PAIRS
-from batchery.webhooks.service import URL_JSON_SCHEMA, optional_webhook_url
+from batchery.batchapi.service import MAX_METADATA_PAIRS
+from batchery.model.batches import SUPPORTED_ENDPOINTS
+from batchery.model.exceptions import InvalidRequest
+from batchery.model.files import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S
+from batchery.security.webhook_urls import URL_JSON_SCHEMA, optional_webhook_url
 
 router = APIRouter()
 #: `completion_window`: a whole number and a unit, up to 30 days (`batches.window_seconds`).

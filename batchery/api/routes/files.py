@@ -14,9 +14,9 @@ from starlette.responses import StreamingResponse
 from batchery.api import wire
 from batchery.api.deps import Project, Service
 from batchery.api.responses import ok, stream
-from batchery.exceptions import InvalidRequest, TooLarge
-from batchery.files import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S, UPLOAD_PURPOSES
-from batchery.service import BatchService
+from batchery.batchapi.service import BatchService
+from batchery.model.exceptions import InvalidRequest, TooLarge
+from batchery.model.files import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S, UPLOAD_PURPOSES
 
 router = APIRouter()
 _BLOCK = 1 << 20

@@ -1,6 +1,6 @@
 """The Gemini API's Batch Mode and Files API, as the `google-genai` SDK calls them.
 
-Mounted at each of `batchery.gemini.MOUNTS` (uploads at `UPLOAD_MOUNTS`), so that
+Mounted at each of `batchery.batchapi.gemini.MOUNTS` (uploads at `UPLOAD_MOUNTS`), so that
 `genai.Client(api_key=…, http_options={"base_url": "http://host:port/gemini"})` works with
 either API version, and `base_url="http://host:port"` with `api_version="v1beta"`:
 
@@ -26,14 +26,14 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
-from batchery import gemini
 from batchery.api import bodies, errors
 from batchery.api.deps import Project, Service, get_principal
 from batchery.api.responses import JSONResponse
-from batchery.backend import CHAT_ENDPOINT
-from batchery.batches import Batch
-from batchery.exceptions import InvalidRequest, NotFound, TooLarge
-from batchery.gemini import GeminiBatchService, UploadSessions
+from batchery.batchapi import gemini
+from batchery.batchapi.gemini import GeminiBatchService, UploadSessions
+from batchery.model.batches import Batch
+from batchery.model.exceptions import InvalidRequest, NotFound, TooLarge
+from batchery.ports.backend import CHAT_ENDPOINT
 
 router = APIRouter(include_in_schema=False)
 upload_router = APIRouter(include_in_schema=False)

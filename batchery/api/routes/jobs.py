@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -15,13 +16,17 @@ from batchery.api import responses as docs
 from batchery.api.bodies import json_body
 from batchery.api.deps import Caller, Project
 from batchery.api.job_wire import job_json
-from batchery.deployments import Deployment, Endpoint
-from batchery.jobs.model import JobBatch, JobStage, JobStatus, JobWorker, LogLine
+from batchery.jobs.joblog import SETTLE_S
 from batchery.jobs.service import DryRun, JobService
+from batchery.model.deployments import Deployment, Endpoint
+from batchery.model.jobs import Job, JobBatch, JobStage, JobStatus, JobWorker
+from batchery.ports.jobs import LogCursor
 
 router = APIRouter()
 #: How often a followed log looks for new lines, in seconds.
 FOLLOW_POLL_S = 0.25
+#: Log lines read from the store at a time.
+LOG_PAGE = 1000
 
 
 def get_jobs(request: Request) -> JobService:
@@ -184,7 +189,8 @@ def results(job_id: str, project: Project, jobs: Jobs) -> Any:
 
 
 @router.get("/jobs/{job_id}/logs", response_class=StreamingResponse,
-            responses=docs.stream("text/plain", "The job's log, a line an entry."))
+            responses=docs.stream("text/plain", "The job's log in time order, a line an "
+                                                "entry."))
 def logs(job_id: str, project: Project, jobs: Jobs, follow: bool = False,
          after: int = 0) -> Any:
     jobs.get(project, job_id)  # 404 before the stream starts
@@ -194,15 +200,27 @@ def logs(job_id: str, project: Project, jobs: Jobs, follow: bool = False,
 
 async def _log_lines(jobs: JobService, project: str, job_id: str, follow: bool,
                      after: int) -> AsyncIterator[bytes]:
+    """The lines after the line `after` (an id; 0: all), in time order. Without `follow`,
+    every line written so far. A follower reads only lines older than `SETTLE_S`, so a
+    worker's late flush cannot put a line behind its cursor; once the job has been over
+    that long, every line is written and one last read gets the rest."""
+    cursor: LogCursor | int = after
     while True:
-        # Read the job before the lines: once it is done, one last read gets every line.
-        done = (await run_in_threadpool(jobs.get, project, job_id)).stage is JobStage.DONE
-        batch: list[LogLine] = await run_in_threadpool(jobs.logs, project, job_id,
-                                                       after=after)
+        # Read the job before the lines: once it is over, a read gets every line.
+        job = await run_in_threadpool(jobs.get, project, job_id)
+        horizon = time.time() - SETTLE_S
+        last = not follow or _over_before(job, horizon)
+        batch = await run_in_threadpool(jobs.store.read_logs, job.id, after=cursor,
+                                        limit=LOG_PAGE, before=None if last else horizon)
         if batch:
-            after = batch[-1].id
+            cursor = LogCursor.of(batch[-1])
             yield "".join(line.render() + "\n" for line in batch).encode()
             continue
-        if not follow or done:
+        if last:
             return
         await asyncio.sleep(FOLLOW_POLL_S)
+
+
+def _over_before(job: Job, horizon: float) -> bool:
+    """Whether the job ended before `horizon`: its workers have written all they will."""
+    return job.stage is JobStage.DONE and (job.ended_at is None or job.ended_at < horizon)

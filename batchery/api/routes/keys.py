@@ -10,13 +10,13 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from batchery import auth
 from batchery.api import responses as docs
 from batchery.api.bodies import NEW_KEY, json_body
 from batchery.api.deps import Admin, Keys
-from batchery.auth import KeyEntry, KeyRing
-from batchery.exceptions import ConfigError, Conflict, InvalidRequest
-from batchery.trust import Role
+from batchery.model.exceptions import ConfigError, Conflict, InvalidRequest
+from batchery.security import auth
+from batchery.security.auth import KeyEntry, KeyRing
+from batchery.security.trust import Role
 
 router = APIRouter()
 T = TypeVar("T")

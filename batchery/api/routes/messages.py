@@ -14,9 +14,9 @@ from batchery.api import anthropic_wire as wire
 from batchery.api.deps import Project
 from batchery.api.responses import ok, stream
 from batchery.api.routes.webhooks import Webhooks
-from batchery.exceptions import InvalidRequest
-from batchery.message_batches import MessageBatchService
-from batchery.webhooks.service import URL_JSON_SCHEMA, optional_webhook_url
+from batchery.batchapi.message_batches import MessageBatchService
+from batchery.model.exceptions import InvalidRequest
+from batchery.security.webhook_urls import URL_JSON_SCHEMA, optional_webhook_url
 
 router = APIRouter()
 _BLOCK = 1 << 20

@@ -10,8 +10,8 @@ from fastapi import APIRouter
 from batchery.api import wire
 from batchery.api.deps import Caller, Service
 from batchery.api.responses import ok
-from batchery.deployments import Deployment
-from batchery.exceptions import NotFound
+from batchery.model.deployments import Deployment
+from batchery.model.exceptions import NotFound
 
 router = APIRouter()
 

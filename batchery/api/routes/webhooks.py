@@ -17,9 +17,10 @@ from starlette.concurrency import run_in_threadpool
 from batchery.api.bodies import json_body, json_request
 from batchery.api.deps import Project
 from batchery.api.responses import ok
-from batchery.webhooks import model
-from batchery.webhooks.model import Delivery, WebhookEndpoint
-from batchery.webhooks.service import URL_JSON_SCHEMA, WebhookService, secret_hint
+from batchery.model import webhooks as model
+from batchery.model.webhooks import Delivery, WebhookEndpoint
+from batchery.security.webhook_urls import URL_JSON_SCHEMA
+from batchery.webhooks.service import WebhookService, secret_hint
 
 router = APIRouter()
 

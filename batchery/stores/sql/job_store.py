@@ -10,10 +10,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
-from batchery import ids
-from batchery.deployments import API, Deployment, Endpoint
-from batchery.exceptions import Conflict, NotFound
-from batchery.jobs.model import (
+from batchery.model import webhooks
+from batchery.model.deployments import API, Deployment, Endpoint
+from batchery.model.exceptions import Conflict, NotFound
+from batchery.model.jobs import (
     IN_PROGRESS,
     OPEN_BATCH_STATES,
     BatchLease,
@@ -29,22 +29,21 @@ from batchery.jobs.model import (
     JobStage,
     JobStatus,
     JobWorker,
-    LogLine,
     OutputMode,
     WorkerState,
 )
-from batchery.jobs.store import JobStore, NewLogLine, ReapedBatch
-from batchery.paging import Page
+from batchery.model.leases import SPLIT_AFTER_EXPIRIES
+from batchery.model.paging import Page
+from batchery.ports.jobs import JobStore, ReapedBatch
+from batchery.stores.sql.leases import Leases
 from batchery.stores.sql.tables import (
     deployments,
     endpoints,
     job_batches,
-    job_logs,
     job_workers,
     jobs,
 )
 from batchery.stores.sql.webhook_store import emit_event
-from batchery.webhooks import model as webhooks
 
 _IN_PROGRESS = [s.value for s in IN_PROGRESS]
 _ACTIVE_STAGES = (JobStage.ENQUEUE.value, JobStage.RUN.value)
@@ -56,6 +55,8 @@ _LIVE_WORKER_STATES = (WorkerState.INITIALIZING.value, WorkerState.RUNNING.value
 class SqlJobStore(JobStore):
     engine: Engine
     _now: sa.ColumnElement[float]
+    _job_phases: Leases
+    _job_batches: Leases
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -214,37 +215,34 @@ class SqlJobStore(JobStore):
                                       job_batches.c.state == BatchState.LEASED.value)
         needs_work = sa.or_(jobs.c.stage == JobStage.ENQUEUE.value,
                             sa.and_(jobs.c.stage == JobStage.COMPLETE.value, ~in_flight))
-        candidate = (sa.select(jobs.c.seq)
-                     .where(needs_work, _of_deployments(deployments),
-                            sa.or_(jobs.c.lease_expires_at.is_(None),
-                                   jobs.c.lease_expires_at < self._now))
-                     .order_by(jobs.c.seq).limit(1).with_for_update(skip_locked=True))
-        token = ids.lease_token()
+        # Taking over a lease that ran out: the worker before us died at this work.
+        died = sa.case((jobs.c.lease_token.is_not(None), 1), else_=0)
         with self.engine.begin() as conn:
-            seq = conn.execute(candidate).scalar()
-            if seq is None:
-                return None
-            conn.execute(jobs.update().where(jobs.c.seq == seq).values(
-                lease_owner=owner, lease_token=token, lease_expires_at=self._now + lease_s))
-            row = conn.execute(jobs.select().where(jobs.c.seq == seq)).mappings().one()
-        return JobLease(job=_job(row), token=token)
+            claimed = self._job_phases.claim(
+                conn, owner, lease_s, where=[needs_work, _of_deployments(deployments)],
+                order_by=[jobs.c.seq], values={"phase_attempts": jobs.c.phase_attempts + died})
+        if claimed is None:
+            return None
+        row = claimed.row
+        return JobLease(job=_job(row), token=claimed.token, attempts=row["phase_attempts"],
+                        last_error=row["phase_error"])
 
     def _job_fence(self, lease: JobLease) -> sa.ColumnElement[bool]:
-        return sa.and_(jobs.c.id == lease.job.id, jobs.c.lease_token == lease.token,
-                       jobs.c.stage == lease.job.stage.value)
+        return self._job_phases.fence(lease.job.id, lease.token,
+                                      jobs.c.stage == lease.job.stage.value)
 
     def renew_job_phase(self, lease: JobLease, lease_s: float) -> bool:
         with self.engine.begin() as conn:
-            result = conn.execute(jobs.update().where(self._job_fence(lease)).values(
-                lease_expires_at=self._now + lease_s))
-            return result.rowcount == 1
+            return self._job_phases.renew(conn, lease.job.id, lease.token, lease_s,
+                                          jobs.c.stage == lease.job.stage.value)
 
-    def release_job_phase(self, lease: JobLease, retry_in: float | None = None) -> None:
-        expires = self._now + retry_in if retry_in else None
+    def release_job_phase(self, lease: JobLease, retry_in: float | None = None,
+                          error: str | None = None) -> None:
+        counts = ({"phase_attempts": jobs.c.phase_attempts + 1, "phase_error": error}
+                  if error is not None else {"phase_attempts": 0, "phase_error": None})
         with self.engine.begin() as conn:
-            conn.execute(jobs.update().where(
-                jobs.c.id == lease.job.id, jobs.c.lease_token == lease.token,
-            ).values(lease_owner=None, lease_token=None, lease_expires_at=expires))
+            self._job_phases.release(conn, lease.job.id, lease.token,
+                                     delay_s=retry_in or 0.0, values=counts)
 
     def add_batches(self, lease: JobLease, batches: Sequence[BatchSpec], now: float) -> bool:
         n_items = sum(b.n_items for b in batches)
@@ -267,10 +265,10 @@ class SqlJobStore(JobStore):
 
     def finish_enqueue(self, lease: JobLease) -> bool:
         with self.engine.begin() as conn:
-            result = conn.execute(jobs.update().where(self._job_fence(lease)).values(
-                status=JobStatus.RUNNING.value, stage=JobStage.RUN.value, lease_owner=None,
-                lease_token=None, lease_expires_at=None))
-            if result.rowcount != 1:
+            if not self._job_phases.commit(conn, lease.job.id, lease.token, {
+                    "status": JobStatus.RUNNING.value, "stage": JobStage.RUN.value,
+                    "phase_attempts": 0, "phase_error": None},
+                    jobs.c.stage == lease.job.stage.value):
                 return False
             _complete_if_drained(conn, lease.job.id)
         return True
@@ -294,10 +292,10 @@ class SqlJobStore(JobStore):
             (jobs.c.dead_letters > 0, JobStatus.COMPLETED_WITH_FAILURES.value),
             else_=JobStatus.SUCCEEDED.value)
         with self.engine.begin() as conn:
-            result = conn.execute(jobs.update().where(self._job_fence(lease)).values(
-                status=final, stage=JobStage.DONE.value, results_url=results_url,
-                ended_at=now, lease_owner=None, lease_token=None, lease_expires_at=None))
-            if result.rowcount != 1:
+            if not self._job_phases.commit(conn, lease.job.id, lease.token, {
+                    "status": final, "stage": JobStage.DONE.value, "results_url": results_url,
+                    "ended_at": now, "phase_attempts": 0},
+                    jobs.c.stage == lease.job.stage.value):
                 return None
             conn.execute(job_workers.update().where(
                 job_workers.c.job_id == lease.job.id,
@@ -317,20 +315,16 @@ class SqlJobStore(JobStore):
 
     def claim_batch(self, owner: str, lease_s: float,
                     deployments: Collection[str] | None) -> BatchLease | None:
-        token = ids.lease_token()
         with self.engine.begin() as conn:
-            batch_id = self._pick_batch(conn, deployments)
-            if batch_id is None:
+            claimed = self._job_batches.claim(
+                conn, owner, lease_s, pick=lambda c, _: self._pick_batch(c, deployments))
+            if claimed is None:
                 return None
-            conn.execute(job_batches.update().where(job_batches.c.id == batch_id).values(
-                state=BatchState.LEASED.value, lease_owner=owner, lease_token=token,
-                lease_expires_at=self._now + lease_s))
-            row = conn.execute(job_batches.select().where(job_batches.c.id == batch_id)
-                               ).mappings().one()
-            job = _get_job(conn, None, row["job_id"])
+            job = _get_job(conn, None, claimed.row["job_id"])
         assert job is not None
-        return BatchLease(id=batch_id, job=job, spec=_spec(row), token=token,
-                          attempts=row["attempts"])
+        row = claimed.row
+        return BatchLease(id=claimed.key, job=job, spec=_spec(row), token=claimed.token,
+                          attempts=row["attempts"], expiries=row["expiries"])
 
     def _pick_batch(self, conn: Connection, deployments: Collection[str] | None) -> int | None:
         """The oldest queued batch this claim may lease, locked; None if there is none.
@@ -353,11 +347,9 @@ class SqlJobStore(JobStore):
         workers = jobs.c.options["workers"].as_integer()
         candidate = (sa.select(job_batches.c.id, job_batches.c.job_id, workers.label("workers"))
                      .join(jobs, jobs.c.id == job_batches.c.job_id)
-                     .where(job_batches.c.state == BatchState.QUEUED.value,
+                     .where(self._job_batches.claimable(),
                             jobs.c.stage.in_(_ACTIVE_STAGES),
                             _of_deployments(deployments),
-                            sa.or_(job_batches.c.not_before.is_(None),
-                                   job_batches.c.not_before <= self._now),
                             sa.or_(workers.is_(None), in_flight < workers))
                      .order_by(job_batches.c.id).limit(1)
                      .with_for_update(skip_locked=True, of=job_batches))
@@ -387,23 +379,21 @@ class SqlJobStore(JobStore):
             job_batches.c.state == BatchState.LEASED.value)).scalar_one()
         return int(leased) < workers
 
-    def _job_batch_fence(self, lease: BatchLease) -> sa.ColumnElement[bool]:
-        return sa.and_(job_batches.c.id == lease.id, job_batches.c.lease_token == lease.token,
-                       job_batches.c.state == BatchState.LEASED.value)
+    def _job_running(self, job_id: str) -> sa.ColumnElement[bool]:
+        """The batch's job still runs (it was not stopped, failed or timed out)."""
+        return sa.exists().where(jobs.c.id == job_id, jobs.c.stage.in_(_ACTIVE_STAGES))
 
     def renew_batch(self, lease: BatchLease, lease_s: float) -> bool:
         with self.engine.begin() as conn:
-            result = conn.execute(job_batches.update().where(self._job_batch_fence(lease))
-                                  .values(lease_expires_at=self._now + lease_s))
-            return result.rowcount == 1
+            return self._job_batches.renew(conn, lease.id, lease.token, lease_s,
+                                           self._job_running(lease.job.id))
 
     def complete_batch(self, lease: BatchLease, *, out_key: str | None,
                        duration_s: float) -> bool:
         with self.engine.begin() as conn:
-            done = conn.execute(job_batches.update().where(self._job_batch_fence(lease)).values(
-                state=BatchState.SUCCEEDED.value, lease_token=None, lease_owner=None,
-                out_key=out_key, duration_s=duration_s))
-            if done.rowcount != 1:
+            if not self._job_batches.commit(conn, lease.id, lease.token, {
+                    "state": BatchState.SUCCEEDED.value, "out_key": out_key,
+                    "duration_s": duration_s, "expiries": 0}):
                 return False
             conn.execute(jobs.update().where(jobs.c.id == lease.job.id).values(
                 batches_succeeded=jobs.c.batches_succeeded + 1,
@@ -412,38 +402,60 @@ class SqlJobStore(JobStore):
             _complete_if_drained(conn, lease.job.id)
         return True
 
-    def fail_batch_attempt(self, lease: BatchLease, error: str, *, delay_s: float) -> bool:
+    def fail_batch_attempt(self, lease: BatchLease, error: str, *, delay_s: float,
+                           dead: bool = False) -> bool:
         with self.engine.begin() as conn:
-            dead = _requeue(conn, lease.id, lease.token, error, delay_s, self._now)
-        return bool(dead)
+            return bool(_requeue(conn, self._job_batches, lease.id, lease.token, error,
+                                 delay_s, dead=dead))
+
+    def split_batch(self, lease: BatchLease, specs: Sequence[BatchSpec]) -> bool:
+        with self.engine.begin() as conn:
+            if not self._job_batches.commit(conn, lease.id, lease.token,
+                                            {"state": BatchState.SPLIT.value}):
+                return False
+            top = conn.execute(sa.select(sa.func.max(job_batches.c.idx)).where(
+                job_batches.c.job_id == lease.job.id)).scalar_one()
+            conn.execute(job_batches.insert(), [
+                {"job_id": lease.job.id, "idx": top + 1 + i, "segment_key": s.segment_key,
+                 "start_offset": s.start_offset, "end_offset": s.end_offset,
+                 "first_item": s.first_item, "n_items": s.n_items,
+                 "state": BatchState.QUEUED.value, "attempts": lease.attempts,
+                 "expiries": SPLIT_AFTER_EXPIRIES - 1} for i, s in enumerate(specs)])
+            conn.execute(jobs.update().where(jobs.c.id == lease.job.id).values(
+                total_batch_count=jobs.c.total_batch_count + len(specs) - 1))
+        return True
 
     def release_batch(self, lease: BatchLease) -> None:
         with self.engine.begin() as conn:
-            conn.execute(job_batches.update().where(self._job_batch_fence(lease)).values(
-                state=BatchState.QUEUED.value, lease_token=None, lease_owner=None,
-                lease_expires_at=None))
+            self._job_batches.release(conn, lease.id, lease.token)
 
     def reap_expired_batches(self) -> list[ReapedBatch]:
-        expired = sa.select(job_batches.c.id, job_batches.c.lease_token,
-                            job_batches.c.lease_owner, job_batches.c.job_id,
-                            job_batches.c.idx).where(
-            job_batches.c.state == BatchState.LEASED.value,
-            job_batches.c.lease_expires_at < self._now)
         reaped: list[ReapedBatch] = []
         with self.engine.begin() as conn:
-            for row in list(conn.execute(expired)):
-                dead = _requeue(conn, row.id, row.lease_token,
-                                "the worker running this batch stopped renewing its lease "
-                                "(it died or hung)", 0.0, self._now)
-                if dead is None:
+            for row in self._job_batches.expired(
+                    conn, job_batches.c.job_id, job_batches.c.idx, jobs.c.stage,
+                    join=(jobs, jobs.c.id == job_batches.c.job_id)):
+                # The worker died: no attempt is counted, the expiry is. A job that has
+                # ended runs nothing more: its batch is dropped rather than requeued.
+                dropped = row.stage not in _ACTIVE_STAGES
+                values: dict[str, Any] = {
+                    "expiries": job_batches.c.expiries + 1,
+                    "last_error": "the worker running this batch stopped renewing its lease "
+                                  "(it died or hung)"}
+                if dropped:
+                    values["state"] = BatchState.ABORTED.value
+                if not self._job_batches.requeue_expired(conn, row.key, row.lease_token,
+                                                         values):
                     continue
                 if row.lease_owner:
                     conn.execute(job_workers.update().where(
                         job_workers.c.job_id == row.job_id,
                         job_workers.c.worker_id == row.lease_owner,
                     ).values(state=WorkerState.FAILED.value))
+                if dropped:
+                    _complete_if_drained(conn, row.job_id)
                 reaped.append(ReapedBatch(job_id=row.job_id, index=row.idx,
-                                          owner=row.lease_owner, dead=dead))
+                                          owner=row.lease_owner, dropped=dropped))
         return reaped
 
     # -- workers and logs --------------------------------------------------------------
@@ -475,22 +487,6 @@ class SqlJobStore(JobStore):
                               current_batch=r["current_batch"],
                               batches_done=r["batches_done"], started_at=r["started_at"],
                               last_heartbeat=r["last_heartbeat"])
-                    for r in conn.execute(query).mappings()]
-
-    def append_logs(self, lines: Sequence[NewLogLine]) -> None:
-        if not lines:
-            return
-        with self.engine.begin() as conn:
-            conn.execute(job_logs.insert(), [
-                {"job_id": x.job_id, "ts": x.ts, "level": x.level[:8],
-                 "source": x.source[:128], "message": x.message} for x in lines])
-
-    def read_logs(self, job_id: str, *, after: int, limit: int) -> list[LogLine]:
-        query = (job_logs.select().where(job_logs.c.job_id == job_id, job_logs.c.id > after)
-                 .order_by(job_logs.c.id).limit(limit))
-        with self.engine.begin() as conn:
-            return [LogLine(id=r["id"], job_id=r["job_id"], ts=r["ts"], level=r["level"],
-                            source=r["source"], message=r["message"])
                     for r in conn.execute(query).mappings()]
 
 
@@ -533,26 +529,26 @@ def _complete_if_drained(conn: Connection, job_id: str) -> None:
     ).values(stage=JobStage.COMPLETE.value))
 
 
-def _requeue(conn: Connection, batch_id: int, token: str, error: str, delay_s: float,
-             now: sa.ColumnElement[float]) -> bool | None:
+def _requeue(conn: Connection, leases: Leases, batch_id: int, token: str, error: str,
+             delay_s: float, *, dead: bool = False) -> bool | None:
     """Count a failed attempt of a leased batch: back to the queue, or a dead letter once
-    out of retries. None if the lease was not current."""
+    out of retries (or at once, with `dead`). None if the lease was not current."""
     row = conn.execute(
         sa.select(job_batches.c.attempts, job_batches.c.job_id, job_batches.c.n_items,
                   jobs.c.options, jobs.c.stage)
         .join(jobs, jobs.c.id == job_batches.c.job_id)
-        .where(job_batches.c.id == batch_id, job_batches.c.lease_token == token,
-               job_batches.c.state == BatchState.LEASED.value)).first()
+        .where(leases.fence(batch_id, token))).first()
     if row is None:
         return None
     attempts = row.attempts + 1
-    dead = bool(attempts > int(row.options.get("max_retries", 3)))
-    # A job that has ended runs nothing more: its batch is dropped rather than requeued.
-    retry = BatchState.QUEUED if row.stage in _ACTIVE_STAGES else BatchState.ABORTED
-    conn.execute(job_batches.update().where(job_batches.c.id == batch_id).values(
-        state=(BatchState.FAILED if dead else retry).value, attempts=attempts,
-        lease_token=None, lease_owner=None, lease_expires_at=None, last_error=error,
-        not_before=now + delay_s if delay_s and not dead else None))
+    dead = dead or bool(attempts > int(row.options.get("max_retries", 3)))
+    values: dict[str, Any] = {"attempts": attempts, "last_error": error}
+    if dead:
+        leases.commit(conn, batch_id, token, {**values, "state": BatchState.FAILED.value})
+    elif row.stage in _ACTIVE_STAGES:
+        leases.release(conn, batch_id, token, delay_s=delay_s, values=values)
+    else:  # a job that has ended runs nothing more: its batch is dropped
+        leases.commit(conn, batch_id, token, {**values, "state": BatchState.ABORTED.value})
     counters: dict[str, Any] = {"failed_attempts": jobs.c.failed_attempts + 1}
     if dead:
         counters |= {"dead_letters": jobs.c.dead_letters + 1,
@@ -565,7 +561,7 @@ def _requeue(conn: Connection, batch_id: int, token: str, error: str, delay_s: f
         if 0 <= threshold < failed:
             _end(conn, row.job_id, JobStatus.FAILED,
                  f"{failed} batch(es) failed, more than the error_threshold of {threshold}")
-        _complete_if_drained(conn, row.job_id)
+    _complete_if_drained(conn, row.job_id)
     return dead
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
-from batchery import ids
-from batchery.batches import (
+from batchery.model import webhooks
+from batchery.model.batches import (
     CANCELLABLE,
     PHASE_STATUSES,
     Batch,
@@ -18,22 +18,34 @@ from batchery.batches import (
     BatchStatus,
     EndReason,
 )
-from batchery.chunks import Chunk, ChunkLease, ChunkResult, ChunkSpec, ChunkState
-from batchery.deployments import CONFIG, Deployment, Endpoint, pool_from_dict
-from batchery.exceptions import Conflict, NotFound
-from batchery.files import INTERNAL_PURPOSE_PREFIX, FileRecord
-from batchery.store import Page, PhaseLease, Store, WorkerInfo
+from batchery.model.chunks import Chunk, ChunkLease, ChunkPart, ChunkSpec, ChunkState
+from batchery.model.deployments import CONFIG, Deployment, Endpoint, pool_from_dict
+from batchery.model.exceptions import Conflict, NotFound
+from batchery.model.files import INTERNAL_PURPOSE_PREFIX, FileRecord
+from batchery.model.jobs import BatchState
+from batchery.ports.store import Page, PhaseLease, Store, WorkerInfo
 from batchery.stores.sql import engine as engines
 from batchery.stores.sql import migrate, tables
 from batchery.stores.sql.job_store import SqlJobStore, deployment_row, endpoint_row
-from batchery.stores.sql.tables import batches, chunks, deployments, endpoints, files, workers
+from batchery.stores.sql.leases import Leases
+from batchery.stores.sql.log_store import SqlLogStore
+from batchery.stores.sql.tables import (
+    batches,
+    chunk_parts,
+    chunks,
+    deployments,
+    endpoints,
+    files,
+    job_batches,
+    jobs,
+    workers,
+)
 from batchery.stores.sql.webhook_store import SqlWebhookStore, emit_event
-from batchery.webhooks import model as webhooks
 
 _OPEN_CHUNK_STATES = (ChunkState.QUEUED.value, ChunkState.LEASED.value)
 
 
-class SqlStore(SqlJobStore, SqlWebhookStore, Store):
+class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
     def __init__(self, engine: Engine, *, run_migrations: bool = True) -> None:
         self.engine = engine
         self._now = engines.db_now(engine)
@@ -41,6 +53,13 @@ class SqlStore(SqlJobStore, SqlWebhookStore, Store):
         # Whole Unix seconds, truncated like int(time.time()): PostgreSQL's cast rounds.
         self._now_s = sa.cast(sa.func.floor(self._now) if self._pg else self._now,
                               sa.BigInteger)
+        self._phases = Leases(batches, key="id", now=self._now)
+        self._chunks = Leases(chunks, key="id", now=self._now, state="state",
+                              queued=ChunkState.QUEUED.value, leased=ChunkState.LEASED.value)
+        self._job_phases = Leases(jobs, key="id", now=self._now)
+        self._job_batches = Leases(job_batches, key="id", now=self._now, state="state",
+                                   queued=BatchState.QUEUED.value,
+                                   leased=BatchState.LEASED.value)
         if run_migrations:
             migrate.upgrade(engine)
 
@@ -94,14 +113,16 @@ class SqlStore(SqlJobStore, SqlWebhookStore, Store):
             conn.execute(files.delete().where(files.c.seq == row["seq"]))
         return _file(row)
 
-    def blob_in_use(self, storage_key: str) -> bool:
+    def blob_in_use(self, storage_key: str, file_id: str | None = None) -> bool:
         ended = [s.value for s in BatchStatus if s.is_terminal]
-        query = sa.select(batches.c.id).where(
-            batches.c.status.not_in(ended),
-            sa.or_(batches.c.input_key == storage_key,
+        readers = [batches.c.input_key == storage_key,
                    batches.c.input_file_id.in_(
-                       sa.select(files.c.id).where(files.c.storage_key == storage_key))),
-        ).limit(1)
+                       sa.select(files.c.id).where(files.c.storage_key == storage_key))]
+        if file_id is not None:
+            # A batch not validated yet knows its input only by the file's id.
+            readers.append(batches.c.input_file_id == file_id)
+        query = sa.select(batches.c.id).where(
+            batches.c.status.not_in(ended), sa.or_(*readers)).limit(1)
         with self.engine.begin() as conn:
             return conn.execute(query).first() is not None
 
@@ -191,43 +212,49 @@ class SqlStore(SqlJobStore, SqlWebhookStore, Store):
     # -- batch-level phases ------------------------------------------------------------
 
     def claim_phase(self, owner: str, lease_s: float) -> PhaseLease | None:
-        token = ids.lease_token()
+        # A batch ending (cancelled, expired, drained) waits until no chunk is still being
+        # run under a live lease: those workers wind down within a second or two and commit
+        # what they finished, so it is kept.
+        running = sa.exists().where(chunks.c.batch_id == batches.c.id,
+                                    chunks.c.state == ChunkState.LEASED.value,
+                                    chunks.c.lease_expires_at >= self._now)
+        ending = [s.value for s in PHASE_STATUSES if s is not BatchStatus.VALIDATING]
         needs_work = sa.or_(
-            batches.c.status.in_([s.value for s in PHASE_STATUSES]),
+            batches.c.status == BatchStatus.VALIDATING.value,
+            sa.and_(batches.c.status.in_(ending), ~running),
             sa.and_(batches.c.status == BatchStatus.IN_PROGRESS.value,
                     batches.c.remote.is_not(None)))
-        candidate = (sa.select(batches.c.seq)
-                     .where(needs_work,
-                            sa.or_(batches.c.lease_expires_at.is_(None),
-                                   batches.c.lease_expires_at < self._now))
-                     .order_by(batches.c.seq).limit(1)
-                     .with_for_update(skip_locked=True))
+        # Taking over a lease that ran out means the worker before us died at this work:
+        # that counts as a failed try, so work that kills its worker cannot loop forever.
+        died = sa.case((batches.c.lease_token.is_not(None), 1), else_=0)
         with self.engine.begin() as conn:
-            seq = conn.execute(candidate).scalar()
-            if seq is None:
-                return None
-            conn.execute(batches.update().where(batches.c.seq == seq).values(
-                lease_owner=owner, lease_token=token, lease_expires_at=self._now + lease_s))
-            row = conn.execute(batches.select().where(batches.c.seq == seq)).mappings().one()
-        return PhaseLease(batch=_batch(row), token=token)
+            claimed = self._phases.claim(
+                conn, owner, lease_s, where=[needs_work], order_by=[batches.c.seq],
+                values={"phase_attempts": batches.c.phase_attempts + died})
+        if claimed is None:
+            return None
+        row = claimed.row
+        return PhaseLease(batch=_batch(row), token=claimed.token,
+                          attempts=row["phase_attempts"], last_error=row["phase_error"])
 
     def _phase_fence(self, lease: PhaseLease) -> sa.ColumnElement[bool]:
-        return sa.and_(batches.c.id == lease.batch.id, batches.c.lease_token == lease.token,
-                       batches.c.status == lease.batch.status.value)
+        return self._phases.fence(lease.batch.id, lease.token,
+                                  batches.c.status == lease.batch.status.value)
 
     def renew_phase(self, lease: PhaseLease, lease_s: float) -> bool:
         with self.engine.begin() as conn:
-            result = conn.execute(batches.update().where(self._phase_fence(lease)).values(
-                lease_expires_at=self._now + lease_s))
-            return result.rowcount == 1
+            return self._phases.renew(conn, lease.batch.id, lease.token, lease_s,
+                                      batches.c.status == lease.batch.status.value)
 
-    def release_phase(self, lease: PhaseLease, retry_in: float | None = None) -> None:
-        # A released lease that "expires" in the future doubles as a not-before time.
-        expires = self._now + retry_in if retry_in else None
+    def release_phase(self, lease: PhaseLease, retry_in: float | None = None,
+                      error: str | None = None) -> None:
+        # Released without an error, the work went well: the count of failed tries starts
+        # again. With one, it grows, and the error is kept as the reason if they run out.
+        counts = ({"phase_attempts": batches.c.phase_attempts + 1, "phase_error": error}
+                  if error is not None else {"phase_attempts": 0, "phase_error": None})
         with self.engine.begin() as conn:
-            conn.execute(batches.update().where(
-                batches.c.id == lease.batch.id, batches.c.lease_token == lease.token,
-            ).values(lease_owner=None, lease_token=None, lease_expires_at=expires))
+            self._phases.release(conn, lease.batch.id, lease.token, delay_s=retry_in or 0.0,
+                                 values=counts)
 
     def save_remote(self, lease: PhaseLease, remote: dict[str, Any], *, completed: int,
                     failed: int) -> bool:
@@ -240,11 +267,11 @@ class SqlStore(SqlJobStore, SqlWebhookStore, Store):
                     input_key: str, chunks: Sequence[ChunkSpec], now: int,
                     remote: dict[str, Any] | None = None) -> bool:
         with self.engine.begin() as conn:
-            result = conn.execute(batches.update().where(self._phase_fence(lease)).values(
-                status=BatchStatus.IN_PROGRESS.value, in_progress_at=now, total=total,
-                model=model, input_key=input_key, remote=remote, lease_owner=None,
-                lease_token=None, lease_expires_at=None))
-            if result.rowcount != 1:
+            if not self._phases.commit(conn, lease.batch.id, lease.token, {
+                    "status": BatchStatus.IN_PROGRESS.value, "in_progress_at": now,
+                    "total": total, "model": model, "input_key": input_key,
+                    "remote": remote, "phase_attempts": 0, "phase_error": None},
+                    batches.c.status == lease.batch.status.value):
                 return False
             rows = [{"batch_id": lease.batch.id, "idx": c.index, "start_offset": c.start_offset,
                      "end_offset": c.end_offset, "first_line": c.first_line,
@@ -256,12 +283,12 @@ class SqlStore(SqlJobStore, SqlWebhookStore, Store):
 
     def fail_batch(self, lease: PhaseLease, errors: Sequence[BatchError], now: int) -> bool:
         with self.engine.begin() as conn:
-            result = conn.execute(batches.update().where(self._phase_fence(lease)).values(
-                status=BatchStatus.FAILED.value, failed_at=now,
-                errors=[e.to_dict() for e in errors], lease_owner=None, lease_token=None,
-                lease_expires_at=None))
-            if result.rowcount != 1:
+            if not self._phases.commit(conn, lease.batch.id, lease.token, {
+                    "status": BatchStatus.FAILED.value, "failed_at": now,
+                    "errors": [e.to_dict() for e in errors], "phase_attempts": 0},
+                    batches.c.status == lease.batch.status.value):
                 return False
+            self._drop_chunks(conn, lease.batch.id)
             _emit_batch_event(conn, lease.batch, BatchStatus.FAILED, now)
         return True
 
@@ -277,6 +304,20 @@ class SqlStore(SqlJobStore, SqlWebhookStore, Store):
         with self.engine.begin() as conn:
             return [_chunk(r) for r in conn.execute(query).mappings()]
 
+    def list_parts(self, batch_id: str) -> list[ChunkPart]:
+        query = (chunk_parts.select().where(chunk_parts.c.batch_id == batch_id)
+                 .order_by(chunk_parts.c.lo, chunk_parts.c.id))
+        with self.engine.begin() as conn:
+            return [_part(r) for r in conn.execute(query).mappings()]
+
+    def done_offsets(self, batch_id: str, start: int, end: int) -> set[int]:
+        query = sa.select(chunk_parts.c.offsets).where(
+            chunk_parts.c.batch_id == batch_id, chunk_parts.c.lo < end,
+            chunk_parts.c.hi >= start)
+        with self.engine.begin() as conn:
+            return {o for (offsets,) in conn.execute(query) for o in offsets
+                    if start <= o < end}
+
     def finish_batch(self, lease: PhaseLease, *, outputs: Sequence[FileRecord],
                      output_file_id: str | None, error_file_id: str | None,
                      completed: int, failed: int, unrun: int, now: int) -> bool:
@@ -285,69 +326,100 @@ class SqlStore(SqlJobStore, SqlWebhookStore, Store):
         stamp = {BatchStatus.COMPLETED: "completed_at", BatchStatus.CANCELLED: "cancelled_at",
                  BatchStatus.EXPIRED: "expired_at"}[status]
         with self.engine.begin() as conn:
-            result = conn.execute(batches.update().where(self._phase_fence(lease)).values(
-                status=status.value, output_file_id=output_file_id,
-                error_file_id=error_file_id, completed=completed, failed=failed, unrun=unrun,
-                lease_owner=None, lease_token=None, lease_expires_at=None, **{stamp: now}))
-            if result.rowcount != 1:
+            if not self._phases.commit(conn, lease.batch.id, lease.token, {
+                    "status": status.value, "output_file_id": output_file_id,
+                    "error_file_id": error_file_id, "completed": completed, "failed": failed,
+                    "unrun": unrun, "phase_attempts": 0, stamp: now},
+                    batches.c.status == lease.batch.status.value):
                 return False
             for record in outputs:
                 conn.execute(files.insert().values(**_file_row(record)))
-            conn.execute(chunks.delete().where(chunks.c.batch_id == lease.batch.id))
+            self._drop_chunks(conn, lease.batch.id)
             _emit_batch_event(conn, lease.batch, status, now)
         return True
+
+    @staticmethod
+    def _drop_chunks(conn: Connection, batch_id: str) -> None:
+        conn.execute(chunks.delete().where(chunks.c.batch_id == batch_id))
+        conn.execute(chunk_parts.delete().where(chunk_parts.c.batch_id == batch_id))
 
     # -- the chunk queue ---------------------------------------------------------------
 
     def claim_chunk(self, owner: str, lease_s: float) -> ChunkLease | None:
-        token = ids.lease_token()
-        candidate = (sa.select(chunks.c.id)
-                     .join(batches, batches.c.id == chunks.c.batch_id)
-                     .where(chunks.c.state == ChunkState.QUEUED.value,
-                            batches.c.status == BatchStatus.IN_PROGRESS.value,
-                            sa.or_(chunks.c.not_before.is_(None),
-                                   chunks.c.not_before <= self._now))
-                     .order_by(chunks.c.id).limit(1)
-                     .with_for_update(skip_locked=True, of=chunks))
         with self.engine.begin() as conn:
-            chunk_id = conn.execute(candidate).scalar()
-            if chunk_id is None:
+            claimed = self._chunks.claim(
+                conn, owner, lease_s,
+                join=(batches, batches.c.id == chunks.c.batch_id),
+                where=[batches.c.status == BatchStatus.IN_PROGRESS.value])
+            if claimed is None:
                 return None
-            conn.execute(chunks.update().where(chunks.c.id == chunk_id).values(
-                state=ChunkState.LEASED.value, lease_owner=owner, lease_token=token,
-                lease_expires_at=self._now + lease_s))
-            row = conn.execute(
-                sa.select(chunks, batches.c.endpoint, batches.c.input_key)
-                .join(batches, batches.c.id == chunks.c.batch_id)
-                .where(chunks.c.id == chunk_id)).mappings().one()
-        return ChunkLease(chunk_id=chunk_id, batch_id=row["batch_id"], token=token,
-                          spec=_spec(row), attempts=row["attempts"], endpoint=row["endpoint"],
-                          input_key=row["input_key"])
+            batch = conn.execute(sa.select(batches.c.endpoint, batches.c.input_key).where(
+                batches.c.id == claimed.row["batch_id"])).one()
+        row = claimed.row
+        return ChunkLease(chunk_id=claimed.key, batch_id=row["batch_id"], token=claimed.token,
+                          spec=_spec(row), attempts=row["attempts"], endpoint=batch.endpoint,
+                          input_key=batch.input_key, expiries=row["expiries"])
 
-    def _chunk_fence(self, lease: ChunkLease) -> sa.ColumnElement[bool]:
-        return sa.and_(chunks.c.id == lease.chunk_id, chunks.c.lease_token == lease.token,
-                       chunks.c.state == ChunkState.LEASED.value)
+    def _running(self, batch_id: str) -> sa.ColumnElement[bool]:
+        """The chunk's batch still wants its lines run (not cancelled, expired or failed)."""
+        return sa.exists().where(batches.c.id == batch_id,
+                                 batches.c.status == BatchStatus.IN_PROGRESS.value)
 
     def renew_chunk(self, lease: ChunkLease, lease_s: float) -> bool:
         with self.engine.begin() as conn:
-            result = conn.execute(chunks.update().where(self._chunk_fence(lease)).values(
-                lease_expires_at=self._now + lease_s))
-            return result.rowcount == 1
+            return self._chunks.renew(conn, lease.chunk_id, lease.token, lease_s,
+                                      self._running(lease.batch_id))
 
-    def complete_chunk(self, lease: ChunkLease, result: ChunkResult) -> bool:
+    def commit_part(self, lease: ChunkLease, part: ChunkPart) -> bool:
         with self.engine.begin() as conn:
-            done = conn.execute(chunks.update().where(self._chunk_fence(lease)).values(
-                state=ChunkState.DONE.value, lease_token=None, lease_owner=None,
-                n_ok=result.n_ok, n_err=result.n_err, out_key=result.out_key,
-                err_key=result.err_key))
-            if done.rowcount != 1:
+            return self._commit_part(conn, lease, part)
+
+    def _commit_part(self, conn: Connection, lease: ChunkLease, part: ChunkPart) -> bool:
+        """Record answered lines, fenced by the chunk's lease (which it keeps). Progress
+        proves the chunk does not kill its workers: its run of expiries starts again."""
+        if not self._chunks.commit(conn, lease.chunk_id, lease.token, {
+                "n_ok": chunks.c.n_ok + part.n_ok, "n_err": chunks.c.n_err + part.n_err,
+                "expiries": 0}, keep_lease=True):
+            return False
+        if not part.offsets:
+            return True
+        conn.execute(chunk_parts.insert().values(
+            batch_id=lease.batch_id, chunk_id=lease.chunk_id, lo=min(part.offsets),
+            hi=max(part.offsets), offsets=list(part.offsets), n_ok=part.n_ok,
+            n_err=part.n_err, out_key=part.out_key, err_key=part.err_key))
+        conn.execute(batches.update().where(batches.c.id == lease.batch_id).values(
+            completed=batches.c.completed + part.n_ok,
+            failed=batches.c.failed + part.n_err,
+            input_tokens=batches.c.input_tokens + part.input_tokens,
+            output_tokens=batches.c.output_tokens + part.output_tokens))
+        return True
+
+    def complete_chunk(self, lease: ChunkLease, part: ChunkPart | None = None) -> bool:
+        with self.engine.begin() as conn:
+            if part is not None and not self._commit_part(conn, lease, part):
                 return False
-            conn.execute(batches.update().where(batches.c.id == lease.batch_id).values(
-                completed=batches.c.completed + result.n_ok,
-                failed=batches.c.failed + result.n_err,
-                input_tokens=batches.c.input_tokens + result.input_tokens,
-                output_tokens=batches.c.output_tokens + result.output_tokens))
+            if not self._chunks.commit(conn, lease.chunk_id, lease.token,
+                                       {"state": ChunkState.DONE.value}):
+                return False
             self._finalize_if_drained(conn, lease.batch_id)
+        return True
+
+    def split_chunk(self, lease: ChunkLease, specs: Sequence[ChunkSpec],
+                    done: Sequence[tuple[int, int]], expiries: int) -> bool:
+        """Replace a leased chunk by `specs`, each carrying the (ok, errors) counts of its
+        lines already answered (`done`) and `expiries`, and all queued."""
+        with self.engine.begin() as conn:
+            if not self._chunks.commit(conn, lease.chunk_id, lease.token,
+                                       {"state": ChunkState.SPLIT.value}):
+                return False
+            top = conn.execute(sa.select(sa.func.max(chunks.c.idx)).where(
+                chunks.c.batch_id == lease.batch_id)).scalar_one()
+            conn.execute(chunks.insert(), [
+                {"batch_id": lease.batch_id, "idx": top + 1 + i, "start_offset": s.start_offset,
+                 "end_offset": s.end_offset, "first_line": s.first_line, "n_lines": s.n_lines,
+                 "state": ChunkState.QUEUED.value, "attempts": lease.attempts,
+                 "expiries": expiries, "n_ok": ok, "n_err": err}
+                for i, (s, (ok, err)) in enumerate(zip(specs, done, strict=True))])
         return True
 
     def _finalize_if_drained(self, conn: Connection, batch_id: str) -> None:
@@ -363,46 +435,38 @@ class SqlStore(SqlJobStore, SqlWebhookStore, Store):
                       max_attempts: int, delay_s: float = 0.0) -> None:
         attempts = lease.attempts + (1 if count_attempt else 0)
         with self.engine.begin() as conn:
-            self._requeue(conn, lease.chunk_id, lease.token, attempts, max_attempts, error,
-                          delay_s)
-
-    def _requeue(self, conn: Connection, chunk_id: int, token: str, attempts: int,
-                 max_attempts: int, error: str | None, delay_s: float) -> bool:
-        give_up = attempts >= max_attempts
-        state = ChunkState.FAILED if give_up else ChunkState.QUEUED
-        result = conn.execute(chunks.update().where(
-            chunks.c.id == chunk_id, chunks.c.lease_token == token,
-            chunks.c.state == ChunkState.LEASED.value,
-        ).values(state=state.value, attempts=attempts, lease_token=None, lease_owner=None,
-                 lease_expires_at=None, last_error=error,
-                 not_before=self._now + delay_s if delay_s else None)
-                              .returning(chunks.c.batch_id, chunks.c.n_lines))
-        row = result.first()
-        if row is not None and give_up:
-            conn.execute(batches.update().where(batches.c.id == row.batch_id).values(
-                failed=batches.c.failed + row.n_lines))
-            self._finalize_if_drained(conn, row.batch_id)
-        return row is not None
+            if attempts < max_attempts:
+                self._chunks.release(conn, lease.chunk_id, lease.token, delay_s=delay_s,
+                                     values={"attempts": attempts, "last_error": error})
+                return
+            # Out of attempts: its lines not answered yet go to the error file.
+            failed = conn.execute(chunks.update().where(
+                self._chunks.fence(lease.chunk_id, lease.token),
+            ).values(state=ChunkState.FAILED.value, attempts=attempts, last_error=error,
+                     lease_token=None, lease_owner=None, lease_expires_at=None)
+                .returning(chunks.c.n_lines - chunks.c.n_ok - chunks.c.n_err)).scalar()
+            if failed is None:
+                return
+            conn.execute(batches.update().where(batches.c.id == lease.batch_id).values(
+                failed=batches.c.failed + failed))
+            self._finalize_if_drained(conn, lease.batch_id)
 
     def reset_leases(self) -> None:
         with self.engine.begin() as conn:
-            conn.execute(chunks.update().where(chunks.c.state == ChunkState.LEASED.value)
-                         .values(state=ChunkState.QUEUED.value, lease_token=None,
-                                 lease_owner=None, lease_expires_at=None))
-            conn.execute(batches.update().where(batches.c.lease_token.is_not(None))
-                         .values(lease_token=None, lease_owner=None, lease_expires_at=None))
+            self._chunks.free_all(conn)
+            self._phases.free_all(conn)
             conn.execute(tables.webhook_deliveries.update()
                          .where(tables.webhook_deliveries.c.lease_token.is_not(None))
                          .values(lease_token=None, lease_owner=None, lease_expires_at=None))
 
-    def reap_expired(self, max_attempts: int) -> int:
-        expired = sa.select(chunks.c.id, chunks.c.lease_token, chunks.c.attempts).where(
-            chunks.c.state == ChunkState.LEASED.value, chunks.c.lease_expires_at < self._now)
+    def reap_expired(self) -> int:
+        """Requeue chunks whose lease ran out. Their worker died: no attempt is counted, but
+        the expiry is, so that a chunk that keeps killing workers gets split."""
         with self.engine.begin() as conn:
-            return sum(self._requeue(conn, row.id, row.lease_token, row.attempts + 1,
-                                     max_attempts, "the worker holding this chunk stopped "
-                                     "renewing its lease", 0.0)
-                       for row in list(conn.execute(expired)))
+            return sum(self._chunks.requeue_expired(conn, row.key, row.lease_token, {
+                "expiries": chunks.c.expiries + 1,
+                "last_error": "the worker holding this chunk stopped renewing its lease"})
+                for row in self._chunks.expired(conn))
 
     # -- deployments and workers -------------------------------------------------------
 
@@ -522,4 +586,9 @@ def _chunk(row: RowMapping) -> Chunk:
     return Chunk(id=row["id"], batch_id=row["batch_id"], spec=_spec(row),
                  state=ChunkState(row["state"]), attempts=row["attempts"], n_ok=row["n_ok"],
                  n_err=row["n_err"], out_key=row["out_key"], err_key=row["err_key"],
-                 last_error=row["last_error"])
+                 last_error=row["last_error"], expiries=row["expiries"])
+
+
+def _part(row: RowMapping) -> ChunkPart:
+    return ChunkPart(n_ok=row["n_ok"], n_err=row["n_err"], out_key=row["out_key"],
+                     err_key=row["err_key"], offsets=tuple(row["offsets"]))

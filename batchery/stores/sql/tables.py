@@ -58,6 +58,8 @@ batches = sa.Table(
     sa.Column("lease_owner", sa.String(128), nullable=True),
     sa.Column("lease_token", sa.String(64), nullable=True),
     sa.Column("lease_expires_at", sa.Float, nullable=True),
+    sa.Column("phase_attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("phase_error", sa.Text, nullable=True),
     sa.Index("ix_batches_project_seq", "project", "seq"),
     sa.Index("ix_batches_status", "status"),
 )
@@ -82,8 +84,26 @@ chunks = sa.Table(
     sa.Column("out_key", sa.String(512), nullable=True),
     sa.Column("err_key", sa.String(512), nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("expiries", sa.Integer, nullable=False, server_default="0"),
     sa.UniqueConstraint("batch_id", "idx", name="uq_chunks_batch_idx"),
     sa.Index("ix_chunks_state_id", "state", "id"),
+)
+
+#: The lines of a chunk committed while it runs: a part file each for answers and errors,
+#: with the byte offsets (in the batch's input) of the lines they answer.
+chunk_parts = sa.Table(
+    "chunk_parts", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("batch_id", sa.String(64), nullable=False),
+    sa.Column("chunk_id", sa.Integer, nullable=False),
+    sa.Column("lo", sa.BigInteger, nullable=False),
+    sa.Column("hi", sa.BigInteger, nullable=False),
+    sa.Column("offsets", sa.JSON, nullable=False),
+    sa.Column("n_ok", sa.Integer, nullable=False),
+    sa.Column("n_err", sa.Integer, nullable=False),
+    sa.Column("out_key", sa.String(512), nullable=True),
+    sa.Column("err_key", sa.String(512), nullable=True),
+    sa.Index("ix_chunk_parts_batch_lo", "batch_id", "lo"),
 )
 
 deployments = sa.Table(
@@ -154,6 +174,8 @@ jobs = sa.Table(
     sa.Column("lease_owner", sa.String(128), nullable=True),
     sa.Column("lease_token", sa.String(64), nullable=True),
     sa.Column("lease_expires_at", sa.Float, nullable=True),
+    sa.Column("phase_attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("phase_error", sa.Text, nullable=True),
     sa.Index("ix_jobs_project_seq", "project", "seq"),
     sa.Index("ix_jobs_stage", "stage"),
 )
@@ -177,6 +199,7 @@ job_batches = sa.Table(
     sa.Column("duration_s", sa.Float, nullable=True),
     sa.Column("out_key", sa.String(512), nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("expiries", sa.Integer, nullable=False, server_default="0"),
     sa.UniqueConstraint("job_id", "idx", name="uq_job_batches_job_idx"),
     sa.Index("ix_job_batches_state_id", "state", "id"),
 )

@@ -12,19 +12,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import IntegrityError
 
-from batchery import ids
-from batchery.exceptions import ConfigError
-from batchery.paging import Page
-from batchery.secrets import SecretBox
-from batchery.stores.sql.tables import (
-    server_secrets,
-    webhook_attempts,
-    webhook_deliveries,
-    webhook_endpoints,
-    webhook_events,
-)
-from batchery.webhooks import model
-from batchery.webhooks.model import (
+from batchery.model import ids
+from batchery.model import webhooks as model
+from batchery.model.exceptions import ConfigError
+from batchery.model.paging import Page
+from batchery.model.webhooks import (
     AttemptResult,
     Delivery,
     DeliveryAttempt,
@@ -34,6 +26,14 @@ from batchery.webhooks.model import (
     SigningSecrets,
     WebhookEndpoint,
     WebhookEvent,
+)
+from batchery.security.secrets import SecretBox
+from batchery.stores.sql.tables import (
+    server_secrets,
+    webhook_attempts,
+    webhook_deliveries,
+    webhook_endpoints,
+    webhook_events,
 )
 
 _d = webhook_deliveries

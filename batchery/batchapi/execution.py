@@ -1,0 +1,215 @@
+"""Running the lines of one chunk: route each to its deployment, retry what may pass,
+and render the output and error lines in the hosted API's format."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from batchery.model.retry import RetryPolicy
+from batchery.ports.backend import (
+    CHAT_ENDPOINT,
+    RESPONSES_ENDPOINT,
+    ModelBackend,
+    Reply,
+    Request,
+    error_reply,
+)
+from batchery.wire import anthropic, request_schemas, responses_api
+from batchery.wire.openai_lines import response_line
+
+#: Finds the started backend of a deployment, or None when no deployment has that name.
+BackendLookup = Callable[[str], Awaitable[ModelBackend | None]]
+
+
+#: Renders the result line of an answered request: `(custom_id, reply, model) -> line`.
+Render = Callable[[str, Reply, Any], bytes]
+
+
+
+#: The most lines of one model handed to its backend in one call. Lines finish, and are
+#: committed, a slice at a time; slices of a chunk run concurrently, so a backend that
+#: batches (an embedding model) still gets full batches while progress moves.
+MAX_SLICE = 64
+#: A chunk is cut into at least this many slices when it has the lines for it.
+MIN_SLICES = 8
+
+
+@dataclass(kw_only=True)
+class ChunkOutput:
+    """The answered lines of a chunk, rendered, as they come in. `take()` hands what came
+    in since the last call to whoever commits it."""
+
+    render: Render = response_line
+    out: bytearray = field(default_factory=bytearray)
+    err: bytearray = field(default_factory=bytearray)
+    n_ok: int = 0
+    n_err: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    #: Where each answered line starts in the input (or its index, without offsets).
+    offsets: list[int] = field(default_factory=list)
+
+    def add(self, custom_id: str, reply: Reply, model: Any = None, offset: int = -1) -> None:
+        self.add_all([custom_id], [reply], model, [offset])
+
+    def take(self) -> ChunkOutput:
+        """What came in so far; this output starts empty again."""
+        taken = ChunkOutput(render=self.render, out=self.out, err=self.err, n_ok=self.n_ok,
+                            n_err=self.n_err, input_tokens=self.input_tokens,
+                            output_tokens=self.output_tokens, offsets=self.offsets)
+        self.out, self.err, self.offsets = bytearray(), bytearray(), []
+        self.n_ok = self.n_err = self.input_tokens = self.output_tokens = 0
+        return taken
+
+    def add_all(self, custom_ids: Iterable[str], replies: Iterable[Reply],
+                model: Any = None, offsets: Iterable[int] = ()) -> None:
+        """Render and count the replies to a group of requests (the hot loop of a chunk:
+        tallies stay in locals until the end)."""
+        self.offsets.extend(offsets)
+        render, out, err = self.render, self.out, self.err
+        n_ok = n_err = input_tokens = output_tokens = 0
+        for custom_id, reply in zip(custom_ids, replies, strict=True):
+            line = render(custom_id, reply, model)
+            if reply.ok:
+                out += line
+                n_ok += 1
+                usage = reply.body.get("usage")
+                if isinstance(usage, dict):
+                    # Chat and completions count `prompt_tokens`, Responses `input_tokens`.
+                    input_tokens += _int(usage.get("prompt_tokens",
+                                                   usage.get("input_tokens")))
+                    output_tokens += _int(usage.get("completion_tokens",
+                                                    usage.get("output_tokens")))
+            else:
+                err += line
+                n_err += 1
+        self.n_ok += n_ok
+        self.n_err += n_err
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+
+def lines_at(data: bytes, base: int) -> list[tuple[int, bytes]]:
+    """The non-blank lines of `data`, each with where it starts (`data` starts at `base`)."""
+    found: list[tuple[int, bytes]] = []
+    at = base
+    for line in data.split(b"\n"):
+        if line and not line.isspace():
+            found.append((at, line))
+        at += len(line) + 1
+    return found
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """The non-blank lines of `data`."""
+    return [line for line in data.split(b"\n") if line and not line.isspace()]
+
+
+async def run_chunk(lines: Sequence[bytes], endpoint: str, lookup: BackendLookup,
+                    policy: RetryPolicy, *, offsets: Sequence[int] | None = None,
+                    output: ChunkOutput | None = None) -> ChunkOutput:
+    """Run the lines, adding each answer to `output` as its slice finishes. `offsets`
+    (where each line starts in the input) are recorded with the answers."""
+    # Anthropic Messages lines run on chat backends: translated in, and rendered back out.
+    messages = endpoint == anthropic.MESSAGES_ENDPOINT
+    if output is None:
+        output = ChunkOutput(render=anthropic.result_line if messages else response_line)
+    where = offsets if offsets is not None else range(len(lines))
+    groups: dict[str, list[tuple[int, Request]]] = {}
+    for offset, raw in zip(where, lines, strict=True):
+        obj = orjson.loads(raw)
+        body = obj["body"]
+        if messages:
+            try:
+                body = anthropic.to_chat(body)
+            except anthropic.ParamsError as exc:
+                output.add(obj["custom_id"], error_reply(400, str(exc)), body.get("model"),
+                           offset)
+                continue
+        # Checked once here for every backend: a body of the wrong shape never reaches one.
+        problem = request_schemas.check(anthropic.CHAT_ENDPOINT if messages else endpoint, body)
+        if problem is not None:
+            output.add(obj["custom_id"], problem.reply(), body.get("model"), offset)
+            continue
+        groups.setdefault(body["model"], []).append(
+            (offset, Request(custom_id=obj["custom_id"], body=body)))
+    target = anthropic.CHAT_ENDPOINT if messages else endpoint
+    size = max(1, min(MAX_SLICE, -(-len(lines) // MIN_SLICES)))
+
+    async def run_slice(model: str, part: list[tuple[int, Request]]) -> None:
+        requests = [r for _, r in part]
+        replies = await _run_group(model, requests, target, lookup, policy)
+        output.add_all((r.custom_id for r in requests), replies, model,
+                       (o for o, _ in part))
+
+    try:
+        # A slice that raises cancels the others: the chunk is handed back as a whole.
+        async with asyncio.TaskGroup() as group:
+            for model, items in groups.items():
+                for i in range(0, len(items), size):
+                    group.create_task(run_slice(model, items[i:i + size]))
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return output
+
+
+async def _run_group(model: str, requests: list[Request], endpoint: str,
+                     lookup: BackendLookup, policy: RetryPolicy) -> list[Reply]:
+    backend = await lookup(model)
+    if backend is None:
+        reply = error_reply(404, f"The model '{model}' does not exist.", param="model",
+                            code="model_not_found")
+        return [reply] * len(requests)
+    if endpoint == RESPONSES_ENDPOINT and RESPONSES_ENDPOINT not in backend.endpoints \
+            and CHAT_ENDPOINT in backend.endpoints:
+        return await _responses_as_chat(backend, requests, policy)
+    return await call_with_retry(backend, endpoint, requests, policy)
+
+
+async def _responses_as_chat(backend: ModelBackend, requests: list[Request],
+                             policy: RetryPolicy) -> list[Reply]:
+    """Responses requests on a chat backend: translated in, and the answers back out. A
+    request that cannot be translated is a 400 of its own; the others still run."""
+    replies: list[Reply | None] = [None] * len(requests)
+    chat: list[Request] = []
+    at: list[int] = []
+    for i, request in enumerate(requests):
+        try:
+            body = responses_api.to_chat(request.body)
+        except responses_api.ParamsError as exc:
+            replies[i] = exc.reply()
+            continue
+        chat.append(Request(custom_id=request.custom_id, body=body))
+        at.append(i)
+    if chat:
+        answers = await call_with_retry(backend, CHAT_ENDPOINT, chat, policy)
+        for i, answer in zip(at, answers, strict=True):
+            replies[i] = responses_api.reply_from_chat(requests[i].body, answer)
+    return [r for r in replies if r is not None]
+
+
+async def call_with_retry(backend: ModelBackend, endpoint: str, requests: Sequence[Request],
+                          policy: RetryPolicy) -> list[Reply]:
+    """Call the backend, then call it again for the retriable failures, within the budget."""
+    replies: list[Reply] = await backend.infer(endpoint, requests)
+    pending = [i for i, r in enumerate(replies) if r.retriable]
+    attempt = 1
+    while pending and policy.should_retry(attempt):
+        hints = [h for i in pending if (h := replies[i].retry_after) is not None]
+        await asyncio.sleep(policy.delay(attempt, max(hints) if hints else None))
+        attempt += 1
+        again = await backend.infer(endpoint, [requests[i] for i in pending])
+        for i, reply in zip(pending, again, strict=True):
+            replies[i] = reply
+        pending = [i for i in pending if replies[i].retriable]
+    return replies

@@ -1,0 +1,312 @@
+"""Batch-level work a worker does under a phase lease: validate the input, and assemble the
+output and error files once the chunks have ended."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import orjson
+
+from batchery.batchapi import validation
+from batchery.batchapi.execution import lines_at
+from batchery.model import ids
+from batchery.model.batches import Batch, BatchError, BatchStatus, EndReason, canonical_endpoint
+from batchery.model.chunks import Chunk, ChunkSpec, ChunkState
+from batchery.model.deployments import Deployment
+from batchery.model.files import FileRecord, Purpose
+from batchery.ports.filestore import FileStore
+from batchery.ports.store import PhaseLease, Store
+from batchery.queue.lease import LeaseLost
+from batchery.wire import anthropic
+from batchery.wire.openai_lines import error_line
+
+_COPY_BUFFER = 1 << 20
+
+
+def _blob_exists(files: FileStore, key: str) -> bool:
+    try:
+        files.size(key)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _checked(lines: Iterator[tuple[int, bytes]], lost: Callable[[], bool],
+             every: int = 20_000) -> Iterator[tuple[int, bytes]]:
+    for n, item in enumerate(lines):
+        if n % every == 0 and lost():
+            raise LeaseLost
+        yield item
+
+
+@contextlib.contextmanager
+def _reading(files: FileStore, key: str) -> Iterator[IO[bytes]]:
+    with files.open_read(key) as stream:
+        yield stream
+
+
+#: The endpoints a deployment's backend accepts if it hands whole batches to a provider,
+#: else None.
+RemoteEndpoints = Callable[[str], "frozenset[str] | None"]
+#: The endpoints a deployment serves (None: not known, so any).
+ServedEndpoints = Callable[[Deployment], "frozenset[str] | None"]
+
+
+def validate(store: Store, files: FileStore, lease: PhaseLease, lost: Callable[[], bool],
+             remote_endpoints: RemoteEndpoints = lambda _: None,
+             served: ServedEndpoints = lambda _: None) -> None:
+    batch = lease.batch
+    record = store.get_file(batch.project, batch.input_file_id)
+    now = int(time.time())
+    if record is None or (record.expires_at is not None and record.expires_at <= now) \
+            or not _blob_exists(files, record.storage_key):
+        store.fail_batch(lease, [missing_input(batch)], now)
+        return
+    # Another project's deployments are unknown models here, as they are in its listing.
+    deployments = {d.name: d for d in store.list_deployments() if d.usable_by(batch.project)}
+    # A model of another endpoint is not one this batch may use. A remote deployment is
+    # judged whole by `_remote_plan`, which says why.
+    endpoint = canonical_endpoint(batch.endpoint)
+    known = {name for name, d in deployments.items() if remote_endpoints(d.backend) is not None
+             or (ends := served(d)) is None or endpoint in ends}
+    # Anthropic reports an unknown model per request (an errored result), not per batch.
+    model_known = (known.__contains__ if batch.endpoint != anthropic.MESSAGES_ENDPOINT
+                   else lambda _: True)
+
+    def reread() -> Iterator[tuple[int, bytes]]:
+        with _reading(files, record.storage_key) as again:
+            yield from validation.iter_lines(again)
+
+    with _reading(files, record.storage_key) as stream:
+        report = validation.validate(
+            _checked(validation.iter_lines(stream), lost),
+            endpoint=canonical_endpoint(batch.endpoint),
+            model_known=model_known, max_tasks=batch.max_tasks,
+            chunk_size=batch.chunk_size, reread=reread)
+    now = int(time.time())
+    if not report.ok:
+        store.fail_batch(lease, report.errors, now)
+        return
+    model = next(iter(report.models)) if len(report.models) == 1 else None
+    remote = _remote_plan(batch, report.models, deployments, remote_endpoints)
+    if isinstance(remote, BatchError):
+        store.fail_batch(lease, [remote], now)
+        return
+    store.start_batch(lease, total=report.total, model=model, input_key=record.storage_key,
+                      chunks=report.chunks, now=now, remote=remote)
+
+
+def missing_input(batch: Batch) -> BatchError:
+    """Why a batch whose input file is missing, or went away (deleted, expired) before it
+    was read, fails: in the hosted API's words and code."""
+    return BatchError(code="invalid_request", param="file_id",
+                      message=f"Cannot find file {batch.input_file_id}, or project "
+                              f"'{batch.project}' does not have access to it.")
+
+
+def _remote_plan(batch: Batch, models: set[str], deployments: dict[str, Deployment],
+                 remote_endpoints: RemoteEndpoints) -> dict[str, Any] | BatchError | None:
+    """The remote state of a batch handed to a provider, an error, or None to run it here."""
+    remote = {m: ends for m in models if m in deployments
+              and (ends := remote_endpoints(deployments[m].backend)) is not None}
+    if not remote:
+        return None
+    name, endpoints = next(iter(remote.items()))
+    if len(models) > 1:
+        return BatchError(code="mismatched_model", param="body.model",
+                          message=f"Every line must use the model '{name}': its deployment "
+                                  "hands the whole batch to a provider.")
+    if canonical_endpoint(batch.endpoint) not in endpoints:
+        return BatchError(code="invalid_url", param="url",
+                          message=f"The deployment '{name}' does not accept "
+                                  f"{batch.endpoint} batches.")
+    return new_remote_state(name, deployments[name].backend)
+
+
+_UNRUN = {
+    EndReason.CANCELLED: ("batch_cancelled", "This request was not executed because the "
+                                             "batch was cancelled."),
+    EndReason.EXPIRED: ("batch_expired", "This request could not be executed before the "
+                                         "completion window expired."),
+}
+
+
+def finalize(store: Store, files: FileStore, lease: PhaseLease,
+             lost: Callable[[], bool]) -> None:
+    batch = lease.batch
+    reason = batch.end_reason or EndReason.DONE
+    if batch.status is BatchStatus.CANCELLING or reason is not EndReason.DONE:
+        # Clears every chunk lease: from here on no late commit can land, so the counts and
+        # parts read below are final.
+        store.abort_open_chunks(batch.id)
+    batch = store.get_batch(None, batch.id) or batch
+    chunks = [c for c in store.list_chunks(batch.id) if c.state is not ChunkState.SPLIT]
+    parts = store.list_parts(batch.id)
+    if not chunks and batch.input_key is None and batch.endpoint == anthropic.MESSAGES_ENDPOINT:
+        # Ended before validation cut it: every request (we wrote the file, so it is valid
+        # JSONL) is reported as canceled or expired.
+        batch, chunks = _whole_input(store, files, batch)
+    done = {o for part in parts for o in part.offsets}
+    unrun = _Unrun(files, batch, chunks, done, reason)
+    now = int(time.time())
+    outs = _keys(chunks, "out_key") + [p.out_key for p in parts if p.out_key]
+    errs = _keys(chunks, "err_key") + [p.err_key for p in parts if p.err_key]
+    if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
+        # Anthropic batches have one results file holding every outcome.
+        def write_results(out: IO[bytes]) -> None:
+            _copy(files, outs + errs, out)
+            unrun.write(out)
+
+        output = _assemble(files, batch, "results", now, write_results)
+        errors = None
+    else:
+        output = _assemble(files, batch, "output", now, lambda out: _copy(files, outs, out))
+        if lost():
+            raise LeaseLost
+
+        def write_errors(out: IO[bytes]) -> None:
+            _copy(files, errs, out)
+            unrun.write(out)
+
+        errors = _assemble(files, batch, "error", now, write_errors)
+    made = [r for r in (output, errors) if r is not None]
+    finished = store.finish_batch(
+        lease, outputs=made, output_file_id=output.id if output else None,
+        error_file_id=errors.id if errors else None, completed=batch.completed,
+        failed=batch.failed + unrun.count, unrun=unrun.count, now=int(time.time()))
+    if not finished:
+        for record in made:
+            files.delete(record.storage_key)
+        raise LeaseLost
+    files.delete_prefix(parts_prefix(batch.id))
+    _drop_orphaned_input(store, files, batch)
+
+
+def _whole_input(store: Store, files: FileStore, batch: Batch) -> tuple[Batch, list[Chunk]]:
+    record = store.get_file(None, batch.input_file_id)
+    if record is None:
+        return batch, []
+    spec = ChunkSpec(index=0, start_offset=0, end_offset=files.size(record.storage_key),
+                     first_line=1, n_lines=batch.total)
+    unrun = Chunk(id=0, batch_id=batch.id, spec=spec, state=ChunkState.ABORTED, attempts=0)
+    return dataclasses.replace(batch, input_key=record.storage_key), [unrun]
+
+
+def finish_from_parts(store: Store, files: FileStore, lease: PhaseLease,
+                      out_keys: list[str], err_keys: list[str], *, completed: int,
+                      failed: int, unrun: int) -> None:
+    """End a batch whose result lines already sit in part files (a remote batch's)."""
+    batch = lease.batch
+    now = int(time.time())
+
+    def copy(keys: list[str]) -> Callable[[IO[bytes]], None]:
+        def write(out: IO[bytes]) -> None:
+            for key in keys:
+                with files.open_read(key) as part:
+                    shutil.copyfileobj(part, out, _COPY_BUFFER)
+        return write
+
+    if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
+        output, errors = _assemble(files, batch, "results", now, copy(out_keys + err_keys)), None
+    else:
+        output = _assemble(files, batch, "output", now, copy(out_keys))
+        errors = _assemble(files, batch, "error", now, copy(err_keys))
+    made = [r for r in (output, errors) if r is not None]
+    done = store.finish_batch(
+        lease, outputs=made, output_file_id=output.id if output else None,
+        error_file_id=errors.id if errors else None, completed=completed, failed=failed,
+        unrun=unrun, now=int(time.time()))
+    if not done:
+        for record in made:
+            files.delete(record.storage_key)
+        raise LeaseLost
+    files.delete_prefix(parts_prefix(batch.id))
+
+
+def new_remote_state(deployment: str, backend: str) -> dict[str, Any]:
+    return {"deployment": deployment, "backend": backend, "job": None, "poll_s": 1.0,
+            "cancel_sent": False, "failures": 0}
+
+
+def parts_prefix(batch_id: str) -> str:
+    return f"parts/{batch_id}"
+
+
+def _assemble(files: FileStore, batch: Batch, kind: str, now: int,
+              write: Callable[[IO[bytes]], None]) -> FileRecord | None:
+    """Write a result file; returns its record, or None (and no blob) when it is empty."""
+    file_id = ids.file_id()
+    key = f"files/{file_id}"
+    with files.open_write(key) as out:
+        write(out)
+    size = files.size(key)
+    if size == 0:
+        files.delete(key)
+        return None
+    purpose = (Purpose.MESSAGE_BATCH_RESULTS if batch.endpoint == anthropic.MESSAGES_ENDPOINT
+               else Purpose.BATCH_OUTPUT)
+    return FileRecord(id=file_id, project=batch.project, filename=f"batch_{batch.id}_{kind}.jsonl",
+                      purpose=purpose.value, bytes=size, created_at=now, expires_at=None,
+                      storage_key=key)
+
+
+def _keys(chunks: list[Chunk], attr: str) -> list[str]:
+    """The part files of chunks committed whole (before chunks committed in parts)."""
+    return [key for c in chunks if c.state is ChunkState.DONE and (key := getattr(c, attr))]
+
+
+def _copy(files: FileStore, keys: list[str], out: IO[bytes]) -> None:
+    for key in keys:
+        with files.open_read(key) as part:
+            shutil.copyfileobj(part, out, _COPY_BUFFER)
+
+
+class _Unrun:
+    """The requests that never got an answer: of chunks that failed for good (counted as
+    failed already), and of chunks a cancel or an expiry stopped (counted here)."""
+
+    def __init__(self, files: FileStore, batch: Batch, chunks: list[Chunk], done: set[int],
+                 reason: EndReason) -> None:
+        self.files, self.batch, self.done, self.reason = files, batch, done, reason
+        self.open = [c for c in chunks if c.state is not ChunkState.DONE]
+        self.count = sum(c.spec.n_lines - c.n_ok - c.n_err for c in self.open
+                         if c.state is not ChunkState.FAILED)
+
+    def write(self, out: IO[bytes]) -> None:
+        for chunk in self.open:
+            render = _unrun_renderer(self.batch, chunk, self.reason)
+            data = self.files.read_range(self.batch.input_key or "", chunk.spec.start_offset,
+                                         chunk.spec.end_offset)
+            for offset, raw in lines_at(data, chunk.spec.start_offset):
+                if offset not in self.done:
+                    out.write(render(orjson.loads(raw)["custom_id"]))
+
+
+def _unrun_renderer(batch: Batch, chunk: Chunk, reason: EndReason) -> Callable[[str], bytes]:
+    """How to report the requests of a chunk that never ran to the end."""
+    failed = chunk.state is ChunkState.FAILED
+    detail = f"This request could not be executed: {_last_line(chunk.last_error)}"
+    if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
+        kind = "errored" if failed else ("expired" if reason is EndReason.EXPIRED
+                                         else "canceled")
+        return lambda custom_id: anthropic.unrun_line(custom_id, kind, detail)
+    code, message = ("server_error", detail) if failed else \
+        _UNRUN.get(reason, _UNRUN[EndReason.CANCELLED])
+    return lambda custom_id: error_line(custom_id, code, message)
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line for line in (text or "unknown error").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def _drop_orphaned_input(store: Store, files: FileStore, batch: Batch) -> None:
+    """A batch's input file deleted while it ran keeps its blob until the batch ends."""
+    key = batch.input_key
+    if key and store.get_file(None, batch.input_file_id) is None and not store.blob_in_use(key):
+        files.delete(key)

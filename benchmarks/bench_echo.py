@@ -54,9 +54,9 @@ import orjson
 from batchery.backends.echo import answer
 from batchery.model.batches import DEFAULT_CHUNK_SIZE, Batch, BatchStatus
 from batchery.model.chunks import ChunkResult, ChunkSpec
-from batchery.wire.openai_lines import response_line
 from batchery.stores.sql.engine import sqlite_url
 from batchery.stores.sql.store import SqlStore
+from batchery.wire.openai_lines import response_line
 
 ENDPOINT = "/v1/chat/completions"
 _IO_BUFFER = 1 << 20

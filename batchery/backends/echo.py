@@ -45,12 +45,15 @@ class EchoBackend(ModelBackend):
         self.seed = seed
         self.concurrency = concurrency
         self.dimensions = dimensions
+        self._busy = asyncio.Lock()
 
     async def infer(self, endpoint: str, requests: Sequence[Request]) -> list[Reply]:
         if self.latency_s:
             # One sleep for the whole call: the same simulated time as one request after
-            # another, without a timer per request.
-            await asyncio.sleep(self.latency_s * len(requests) / self.concurrency)
+            # another, without a timer per request. Calls take turns, as on a real model of
+            # this capacity: concurrent calls do not add capacity.
+            async with self._busy:
+                await asyncio.sleep(self.latency_s * len(requests) / self.concurrency)
         handler = _HANDLERS.get(endpoint)
         if handler is None:
             return [error_reply(404, f"Invalid URL (POST {endpoint})") for _ in requests]

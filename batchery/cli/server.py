@@ -19,8 +19,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from batchery import backends
 from batchery.cli.options import ChunkSize, DatabaseUrl, DataDir, FilesUrl, LeaseSeconds, MaxTasks
-from batchery.jobs.service import PYTHON_BACKEND
 from batchery.model.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
 from batchery.model.deployments import API, Deployment, WorkerPoolSpec
 from batchery.model.exceptions import ConfigError
@@ -252,7 +252,7 @@ class DeploymentPools:
     def scale(self) -> None:
         demand = self.store.job_demand()
         wanted = {d.name: d for d in self.store.list_deployments()
-                  if d.backend == PYTHON_BACKEND and not d.alias_of}
+                  if backends.serves_jobs(d.backend) and not d.alias_of}
         self._retire_gone(wanted)
         room = self.policy.limits.max_api_pool_processes - sum(
             len(self._reap(name)) for name, d in wanted.items() if d.source == API)

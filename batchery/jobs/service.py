@@ -34,10 +34,6 @@ from batchery.security import auth, deployment_policy, secrets
 from batchery.security.trust import Principal, TrustPolicy
 from batchery.security.webhook_urls import check_webhook_url
 
-#: The name of the backend that serves jobs. Deprecated: nothing here tests names any more
-#: (`backends.serves_jobs` and `backends.runs_user_code` do); kept only until
-#: `batchery/cli/server.py` stops importing it.
-PYTHON_BACKEND = "python"
 #: Open mode's policy, for a service built without one (tests, `batchery run`).
 _OPEN_POLICY = TrustPolicy()
 

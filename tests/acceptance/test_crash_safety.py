@@ -112,7 +112,10 @@ def test_sigterm_hands_back_the_chunk_after_the_grace_period(
         first.send_signal(signal.SIGTERM)
         assert first.wait(10) == 0
         assert time.monotonic() - stopped_at < 4
-        assert client.batches.retrieve(batch.id).request_counts.completed == 0
+        # What finished before the hand-back is committed and kept; the rest of the chunk
+        # is handed back, not counted as failed.
+        kept = client.batches.retrieve(batch.id).request_counts
+        assert 0 < kept.completed < 100 and kept.failed == 0
         second = _worker(server, log, "--grace-seconds", "30")
         try:
             done = _wait(client, batch.id, 60)
@@ -122,5 +125,6 @@ def test_sigterm_hands_back_the_chunk_after_the_grace_period(
             assert second.wait(30) == 0
         out = _ids(client, done.output_file_id)
     assert done.status == "completed"
+    # Each line exactly once: the second worker skipped what the first one committed.
     assert sorted(out) == sorted(f"req-{i}" for i in range(200))
     assert os.path.exists(log)

@@ -19,8 +19,8 @@ from hypothesis import configuration
 from schemathesis.engine import events, from_schema
 
 from batchery.api.app import create_app
-from batchery.security.auth import add_key
 from batchery.runtime import open_runtime
+from batchery.security.auth import add_key
 from batchery.settings import Settings
 from tests.conftest import Server, free_port, start_server
 

@@ -16,13 +16,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from batchery.model import webhooks as model
 from batchery.model.batches import Batch, BatchError, BatchStatus, EndReason
 from batchery.model.jobs import InputKind, Job, JobInput, JobOptions, JobStatus, job_id
-from batchery.ports.store import PhaseLease
-from batchery.stores.sql import store as store_module
-from batchery.stores.sql.store import SqlStore
-from batchery.stores.sql.tables import webhook_endpoints
-from batchery.model import webhooks as model
 from batchery.model.webhooks import (
     AttemptResult,
     DeliveryClaim,
@@ -31,6 +27,10 @@ from batchery.model.webhooks import (
     SigningSecrets,
     WebhookEndpoint,
 )
+from batchery.ports.store import PhaseLease
+from batchery.stores.sql import store as store_module
+from batchery.stores.sql.store import SqlStore
+from batchery.stores.sql.tables import webhook_endpoints
 
 NOW = 1_800_000_000
 PROJECT, OTHER = "proj-a", "proj-b"

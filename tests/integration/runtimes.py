@@ -13,13 +13,13 @@ from typing import Any
 import orjson
 import pytest
 
+from batchery.batchapi.service import BatchService
+from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.model.batches import Batch
 from batchery.model.deployments import Deployment
-from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.model.retry import RetryPolicy
-from batchery.batchapi.service import BatchService
-from batchery.stores.sql.store import SqlStore
 from batchery.queue.worker import WorkerConfig
+from batchery.stores.sql.store import SqlStore
 from batchery.workers import worker as worker_for
 from tests.conftest import CI
 from tests.helpers import jsonl

@@ -16,15 +16,15 @@ from typing import Any
 import orjson
 import pytest
 
-from batchery.batchapi import remote
 from batchery.backends import remote_gemini
-from batchery.model.batches import Batch, BatchStatus
-from batchery.model.deployments import Deployment
-from batchery.filestores.fsspec_store import FsspecFileStore
+from batchery.batchapi import remote
 from batchery.batchapi.message_batches import MessageBatchService
 from batchery.batchapi.service import BatchService
+from batchery.filestores.fsspec_store import FsspecFileStore
+from batchery.model.batches import Batch, BatchStatus
+from batchery.model.deployments import Deployment
+from batchery.queue.worker import Worker, WorkerConfig
 from batchery.stores.sql.store import SqlStore
-from batchery.queue.worker import WorkerConfig
 from batchery.workers import worker as worker_for
 from tests.helpers import chat_file, chat_line, jsonl
 from tests.integration.fake_gemini import FOREIGN_UPLOAD_HOST, KEY, FakeGemini

@@ -15,19 +15,19 @@ import pytest
 from starlette.testclient import TestClient
 
 from batchery import backends
-from batchery.batchapi import execution
 from batchery.api.app import create_app
-from batchery.ports.backend import ModelBackend, Request
 from batchery.backends.http_template import HttpBackend
+from batchery.batchapi import execution
+from batchery.batchapi.service import BatchService
+from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.model.deployments import Deployment
 from batchery.model.exceptions import ConfigError
-from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.model.retry import RetryPolicy
+from batchery.ports.backend import ModelBackend, Request
+from batchery.queue.worker import Worker, WorkerConfig
 from batchery.runtime import open_runtime
-from batchery.batchapi.service import BatchService
 from batchery.settings import Settings
 from batchery.stores.sql.store import SqlStore
-from batchery.queue.worker import WorkerConfig
 from batchery.workers import worker as worker_for
 from tests.helpers import jsonl
 from tests.integration.rest_model import (

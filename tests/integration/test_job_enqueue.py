@@ -9,12 +9,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from batchery.queue.lease import LeaseLost
-
 from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.jobs import enqueue
 from batchery.jobs.joblog import JobLog
 from batchery.model.jobs import InputKind, Job, JobInput, JobOptions, JobStage, job_id
+from batchery.queue.lease import LeaseLost
 from batchery.stores.sql.store import SqlStore
 
 

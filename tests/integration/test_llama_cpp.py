@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from batchery.ports.backend import Reply, Request
 from batchery.backends.llama_cpp import LlamaCppBackend
 from batchery.model.deployments import Deployment
 from batchery.model.exceptions import ConfigError
+from batchery.ports.backend import Reply, Request
 from tests.integration.runtimes import SMOLLM2, line, require, run_batch
 
 require("llama_cpp")

@@ -7,9 +7,9 @@ from pathlib import Path
 import orjson
 
 from batchery.api.anthropic_wire import request_counts
-from batchery.model.deployments import Deployment
-from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.batchapi.message_batches import MessageBatchService
+from batchery.filestores.fsspec_store import FsspecFileStore
+from batchery.model.deployments import Deployment
 from batchery.stores.sql.store import SqlStore
 from batchery.workers import worker as worker_for
 

@@ -15,16 +15,16 @@ from typing import Any
 import orjson
 import pytest
 
-from batchery.batchapi import execution
-from batchery.ports.backend import ModelBackend, Reply, Request
 from batchery.backends.openai_http import OpenAIBackend
+from batchery.batchapi import execution
+from batchery.batchapi.service import BatchService
+from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.model.deployments import Deployment
 from batchery.model.exceptions import ConfigError
-from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.model.retry import RetryPolicy
-from batchery.batchapi.service import BatchService
-from batchery.stores.sql.store import SqlStore
+from batchery.ports.backend import ModelBackend, Reply, Request
 from batchery.queue.worker import WorkerConfig
+from batchery.stores.sql.store import SqlStore
 from batchery.workers import worker as worker_for
 from tests.helpers import chat_line, jsonl
 from tests.integration.fake_upstream import (

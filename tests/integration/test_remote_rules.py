@@ -27,13 +27,13 @@ import orjson
 import pytest
 
 from batchery.batchapi import remote
-from batchery.model.batches import Batch, BatchStatus
-from batchery.model.deployments import Deployment
-from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.batchapi.message_batches import MessageBatchService
 from batchery.batchapi.service import BatchService
+from batchery.filestores.fsspec_store import FsspecFileStore
+from batchery.model.batches import Batch, BatchStatus
+from batchery.model.deployments import Deployment
+from batchery.queue.worker import Worker, WorkerConfig
 from batchery.stores.sql.store import SqlStore
-from batchery.queue.worker import WorkerConfig
 from batchery.workers import worker as worker_for
 from tests.helpers import chat_file
 from tests.integration.threaded_server import ThreadedServer

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from batchery.ports.backend import Reply, Request
 from batchery.backends.generation import resolve_path
 from batchery.backends.sentence_transformers import SentenceTransformersBackend
 from batchery.model.deployments import Deployment
+from batchery.ports.backend import Reply, Request
 from tests.integration.runtimes import MINILM, line, require, run_batch
 
 require("sentence_transformers")

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from batchery.ports.backend import Reply, Request
 from batchery.backends.vllm import ParamsFactory, VllmBackend
+from batchery.ports.backend import Reply, Request
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

@@ -20,17 +20,17 @@ import openai
 import pytest
 import standardwebhooks
 
-from batchery.model.batches import Batch, BatchStatus, EndReason
-from batchery.stores.sql.store import SqlStore
-from batchery.webhooks import signing
 from batchery.model import webhooks as model
-from batchery.webhooks.delivery import DeliveryConfig, WebhookDelivery, retry_delay, retry_in
+from batchery.model.batches import Batch, BatchStatus, EndReason
 from batchery.model.webhooks import (
     DeliveryStatus,
     EndpointStatus,
     SigningSecrets,
     WebhookEndpoint,
 )
+from batchery.stores.sql.store import SqlStore
+from batchery.webhooks import signing
+from batchery.webhooks.delivery import DeliveryConfig, WebhookDelivery, retry_delay, retry_in
 from tests.conftest import free_port
 from tests.integration.threaded_server import ThreadedServer
 

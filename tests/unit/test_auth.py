@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from batchery.security import auth
-from batchery.security import trust
-from batchery.security.auth import KeyRing
 from batchery.model.exceptions import ConfigError, Conflict, InvalidRequest, NotFound, Unauthorized
+from batchery.security import auth, trust
+from batchery.security.auth import KeyRing
 from batchery.security.trust import Role
 
 

@@ -4,9 +4,9 @@ import asyncio
 import base64
 import struct
 
-from batchery.ports.backend import Request
 from batchery.backends import echo
 from batchery.backends.echo import EchoBackend
+from batchery.ports.backend import Request
 
 
 def test_chat_echoes_the_last_user_message() -> None:

@@ -10,9 +10,9 @@ import orjson
 import pytest
 
 from batchery.batchapi import gemini
+from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.model.batches import Batch, BatchStatus
 from batchery.model.exceptions import InvalidRequest
-from batchery.filestores.fsspec_store import FsspecFileStore
 
 
 def part(text: str) -> dict[str, Any]:

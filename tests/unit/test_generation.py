@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from batchery.model import deployments
-from batchery.ports.backend import Reply
 from batchery.backends import generation
 from batchery.backends.generation import Generation
+from batchery.model import deployments
+from batchery.ports.backend import Reply
 
 
 def chat(**body: Any) -> Generation | Reply:

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.registry import _registry
 
+from batchery.jobs import enqueue, inputs, submission
 from batchery.model.exceptions import InvalidRequest
 from batchery.model.files import FileRecord
-from batchery.jobs import enqueue, inputs, submission
 from batchery.model.jobs import InputKind, JobInput
 
 

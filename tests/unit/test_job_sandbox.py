@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from batchery.model.exceptions import InvalidRequest
 from batchery.jobs import inputs
 from batchery.jobs.sandbox import Sandbox, place
+from batchery.model.exceptions import InvalidRequest
 from batchery.security.trust import ProjectGrant, TrustPolicy
 
 PARAM = "file_path_lister.paths"

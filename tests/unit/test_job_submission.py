@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from batchery.model.exceptions import InvalidRequest
 from batchery.jobs import submission
+from batchery.model.exceptions import InvalidRequest
 from batchery.model.jobs import InputKind, OutputMode
 
 ITEMS = {"item_list": {"items": [1, 2], "batch_size": 1}}

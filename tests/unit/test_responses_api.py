@@ -12,16 +12,16 @@ from openai.types import ModerationCreateResponse
 from openai.types.responses import Response
 
 from batchery import backends
-from batchery.batchapi import execution
-from batchery.wire import responses_api
-from batchery.ports.backend import ModelBackend, Reply, Request
 from batchery.backends import echo
 from batchery.backends.echo import EchoBackend
 from batchery.backends.openai_http import OpenAIBackend
+from batchery.batchapi import execution
 from batchery.model.deployments import Deployment
 from batchery.model.exceptions import ConfigError
-from batchery.wire.responses_api import ParamsError
 from batchery.model.retry import RetryPolicy
+from batchery.ports.backend import ModelBackend, Reply, Request
+from batchery.wire import responses_api
+from batchery.wire.responses_api import ParamsError
 
 CHAT, RESPONSES, MODERATIONS = "/v1/chat/completions", "/v1/responses", "/v1/moderations"
 

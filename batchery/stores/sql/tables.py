@@ -226,6 +226,7 @@ job_logs = sa.Table(
     sa.Column("source", sa.String(128), nullable=False),
     sa.Column("message", sa.Text, nullable=False),
     sa.Index("ix_job_logs_job_id", "job_id", "id"),
+    sa.Index("ix_job_logs_job_ts", "job_id", "ts", "id"),
 )
 
 # -- webhooks ------------------------------------------------------------------------------

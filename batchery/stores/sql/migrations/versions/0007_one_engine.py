@@ -8,6 +8,7 @@ committed in parts while a chunk runs.
 - `chunk_parts`: the lines of a chunk committed so far (their part files, counts and the
   byte offsets of the lines they answer). Existing chunks keep their own part keys, which
   are still read; they need no rows here.
+- an index to read job logs in time order.
 
 Revision ID: 0007
 Revises: 0006
@@ -49,9 +50,12 @@ def upgrade() -> None:
         sa.Column("err_key", sa.String(512), nullable=True),
     )
     op.create_index("ix_chunk_parts_batch_lo", "chunk_parts", ["batch_id", "lo"])
+    # Job logs are read in time order, whichever worker wrote them.
+    op.create_index("ix_job_logs_job_ts", "job_logs", ["job_id", "ts", "id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_job_logs_job_ts", "job_logs")
     op.drop_index("ix_chunk_parts_batch_lo", "chunk_parts")
     op.drop_table("chunk_parts")
     for table in ("batches", "jobs"):

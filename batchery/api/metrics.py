@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -15,14 +16,19 @@ from starlette.concurrency import run_in_threadpool
 from batchery.model.batches import BatchStatus
 from batchery.model.chunks import ChunkState
 from batchery.model.jobs import BatchState, JobStatus
-from batchery.ports.store import Store
+from batchery.ports.jobs import JobRecords
+from batchery.ports.store import Registry
+
+
+class MetricsStore(Registry, JobRecords, Protocol):
+    """What the metrics read: counts, demand and workers."""
 
 #: A worker whose last heartbeat is older than this counts as gone, in seconds.
 STALE_WORKER_S = 60.0
 
 
 class StoreCollector(Collector):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: MetricsStore) -> None:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
@@ -76,7 +82,7 @@ def _route_label(request: Request) -> str:
     return path
 
 
-def install(app: FastAPI, store: Store) -> None:
+def install(app: FastAPI, store: MetricsStore) -> None:
     registry = CollectorRegistry()
     registry.register(StoreCollector(store))
     requests = Counter("batchery_http_requests", "HTTP requests by route and status",

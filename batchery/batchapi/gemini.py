@@ -33,7 +33,7 @@ from batchery.model.exceptions import InvalidRequest, NotFound
 from batchery.model.files import INTERNAL_PURPOSE_PREFIX, FileRecord, Purpose
 from batchery.ports.backend import CHAT_ENDPOINT
 from batchery.ports.filestore import FileStore
-from batchery.ports.store import Page, Store
+from batchery.ports.store import BatchApiStore, Page
 
 #: Every Gemini batch's id starts so; no OpenAI or Anthropic batch id does.
 GEMINI_ID_PREFIX = "gbatch-"
@@ -508,7 +508,8 @@ class _Request:
 
 
 class GeminiBatchService:
-    def __init__(self, store: Store, files: FileStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    def __init__(self, store: BatchApiStore, files: FileStore, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE,
                  max_requests: int = DEFAULT_MAX_TASKS, window_s: int = WINDOW_S,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store

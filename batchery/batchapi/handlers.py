@@ -35,7 +35,7 @@ from batchery.model.leases import (
 )
 from batchery.ports.backend import ModelBackend
 from batchery.ports.filestore import FileStore
-from batchery.ports.store import PhaseLease, Store
+from batchery.ports.store import ChunkStore, PhaseLease, PhaseStore, Registry
 from batchery.queue.lease import LeaseLost
 from batchery.queue.leased import Cancelled, Leased
 from batchery.queue.parts import drop_parts, part_key, write_part
@@ -60,7 +60,7 @@ class Deployments:
     """The deployments a worker has loaded, checked against the batch's project each time
     (validation already refused the others; checked again in case one changed hands)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Registry) -> None:
         self.store = store
         self._backends: dict[str, ModelBackend] = {}
         self._usable: dict[str, Deployment] = {}
@@ -96,7 +96,7 @@ class Deployments:
 class BatchPhases:
     """Batch-level work: validate, advance a remote batch, assemble the results."""
 
-    def __init__(self, store: Store, files: FileStore, ctx: WorkerContext,
+    def __init__(self, store: PhaseStore, files: FileStore, ctx: WorkerContext,
                  deployments: Deployments) -> None:
         self.store, self.files, self.ctx = store, files, ctx
         self.deployments = deployments
@@ -201,7 +201,7 @@ class BatchPhases:
 class ChunkRunner:
     """Runs the lines of chunks, committing them in parts as they finish."""
 
-    def __init__(self, store: Store, files: FileStore, ctx: WorkerContext,
+    def __init__(self, store: ChunkStore, files: FileStore, ctx: WorkerContext,
                  deployments: Deployments) -> None:
         self.store, self.files, self.ctx = store, files, ctx
         self.deployments = deployments

@@ -19,7 +19,7 @@ from batchery.model.batches import DEFAULT_CHUNK_SIZE, Batch, BatchStatus
 from batchery.model.exceptions import Conflict, InvalidRequest, NotFound
 from batchery.model.files import FileRecord, Purpose
 from batchery.ports.filestore import FileStore
-from batchery.ports.store import Page, Store
+from batchery.ports.store import BatchApiStore, Page
 from batchery.wire.anthropic import CUSTOM_ID, MESSAGES_ENDPOINT
 
 #: Anthropic's limit on requests per batch.
@@ -34,7 +34,8 @@ def message_batch_id() -> str:
 
 
 class MessageBatchService:
-    def __init__(self, store: Store, files: FileStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    def __init__(self, store: BatchApiStore, files: FileStore, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE,
                  max_requests: int = MAX_REQUESTS, window_s: int = WINDOW_S,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store

@@ -20,7 +20,7 @@ from batchery.model.chunks import Chunk, ChunkSpec, ChunkState
 from batchery.model.deployments import Deployment
 from batchery.model.files import FileRecord, Purpose
 from batchery.ports.filestore import FileStore
-from batchery.ports.store import PhaseLease, Store
+from batchery.ports.store import PhaseLease, PhaseStore
 from batchery.queue.lease import LeaseLost
 from batchery.wire import anthropic
 from batchery.wire.openai_lines import error_line
@@ -57,7 +57,7 @@ RemoteEndpoints = Callable[[str], "frozenset[str] | None"]
 ServedEndpoints = Callable[[Deployment], "frozenset[str] | None"]
 
 
-def validate(store: Store, files: FileStore, lease: PhaseLease, lost: Callable[[], bool],
+def validate(store: PhaseStore, files: FileStore, lease: PhaseLease, lost: Callable[[], bool],
              remote_endpoints: RemoteEndpoints = lambda _: None,
              served: ServedEndpoints = lambda _: None) -> None:
     batch = lease.batch
@@ -97,8 +97,44 @@ def validate(store: Store, files: FileStore, lease: PhaseLease, lost: Callable[[
     if isinstance(remote, BatchError):
         store.fail_batch(lease, [remote], now)
         return
+    chunks = report.chunks if remote is not None else spread(
+        files, record.storage_key, report.chunks, batch.chunk_size, live_workers(store))
     store.start_batch(lease, total=report.total, model=model, input_key=record.storage_key,
-                      chunks=report.chunks, now=now, remote=remote)
+                      chunks=chunks, now=now, remote=remote)
+
+
+#: A batch is cut into at least this many chunks per live worker, when it has the lines.
+CHUNKS_PER_WORKER = 4
+#: Small batches are cut again finer only while their input is at most this big.
+_RECUT_MAX_BYTES = 64 << 20
+#: A worker that reported within this many seconds counts as live.
+_LIVE_S = 30.0
+
+
+def live_workers(store: PhaseStore) -> int:
+    now = time.time()
+    return sum(1 for w in store.list_workers()
+               if w.state != "stopped" and now - w.last_heartbeat < _LIVE_S)
+
+
+def spread(files: FileStore, key: str, chunks: list[ChunkSpec], chunk_size: int,
+           workers: int) -> list[ChunkSpec]:
+    """Chunks small enough that every live worker gets a share of a small batch (and
+    progress moves in small steps); the configured chunk size stays the ceiling."""
+    total = sum(c.n_lines for c in chunks)
+    size = max(1, min(chunk_size, -(-total // (max(1, workers) * CHUNKS_PER_WORKER))))
+    if not chunks or size >= chunk_size or \
+            chunks[-1].end_offset - chunks[0].start_offset > _RECUT_MAX_BYTES:
+        return chunks
+    start = chunks[0].start_offset
+    lines = lines_at(files.read_range(key, start, chunks[-1].end_offset), start)
+    recut: list[ChunkSpec] = []
+    for i in range(0, len(lines), size):
+        group = lines[i:i + size]
+        end = lines[i + size][0] if i + size < len(lines) else chunks[-1].end_offset
+        recut.append(ChunkSpec(index=len(recut), start_offset=group[0][0], end_offset=end,
+                               first_line=chunks[0].first_line + i, n_lines=len(group)))
+    return recut
 
 
 def missing_input(batch: Batch) -> BatchError:
@@ -136,7 +172,7 @@ _UNRUN = {
 }
 
 
-def finalize(store: Store, files: FileStore, lease: PhaseLease,
+def finalize(store: PhaseStore, files: FileStore, lease: PhaseLease,
              lost: Callable[[], bool]) -> None:
     batch = lease.batch
     reason = batch.end_reason or EndReason.DONE
@@ -187,7 +223,7 @@ def finalize(store: Store, files: FileStore, lease: PhaseLease,
     _drop_orphaned_input(store, files, batch)
 
 
-def _whole_input(store: Store, files: FileStore, batch: Batch) -> tuple[Batch, list[Chunk]]:
+def _whole_input(store: PhaseStore, files: FileStore, batch: Batch) -> tuple[Batch, list[Chunk]]:
     record = store.get_file(None, batch.input_file_id)
     if record is None:
         return batch, []
@@ -197,7 +233,7 @@ def _whole_input(store: Store, files: FileStore, batch: Batch) -> tuple[Batch, l
     return dataclasses.replace(batch, input_key=record.storage_key), [unrun]
 
 
-def finish_from_parts(store: Store, files: FileStore, lease: PhaseLease,
+def finish_from_parts(store: PhaseStore, files: FileStore, lease: PhaseLease,
                       out_keys: list[str], err_keys: list[str], *, completed: int,
                       failed: int, unrun: int) -> None:
     """End a batch whose result lines already sit in part files (a remote batch's)."""
@@ -305,7 +341,7 @@ def _last_line(text: str | None) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def _drop_orphaned_input(store: Store, files: FileStore, batch: Batch) -> None:
+def _drop_orphaned_input(store: PhaseStore, files: FileStore, batch: Batch) -> None:
     """A batch's input file deleted while it ran keeps its blob until the batch ends."""
     key = batch.input_key
     if key and store.get_file(None, batch.input_file_id) is None and not store.blob_in_use(key):

@@ -22,7 +22,7 @@ from batchery.model.batches import Batch, BatchError, BatchStatus, EndReason
 from batchery.model.exceptions import BackendError
 from batchery.ports.filestore import FileStore
 from batchery.ports.remote import RemoteBatchBackend
-from batchery.ports.store import PhaseLease, Store
+from batchery.ports.store import PhaseLease, PhaseStore
 from batchery.wire import anthropic
 from batchery.wire.openai_lines import error_line
 
@@ -59,7 +59,7 @@ def _stopping(batch: Batch) -> bool:
     return batch.status is BatchStatus.CANCELLING or batch.status is BatchStatus.FINALIZING
 
 
-def advance(store: Store, files: FileStore, lease: PhaseLease,
+def advance(store: PhaseStore, files: FileStore, lease: PhaseLease,
             backend: RemoteBatchBackend) -> None:
     """Take one step with a remote batch."""
     batch = lease.batch
@@ -106,7 +106,7 @@ def _call(step: Step, files: FileStore, batch: Batch, job: dict[str, Any] | None
     return backend.refresh(job)
 
 
-def _after_call(store: Store, files: FileStore, lease: PhaseLease, state: dict[str, Any],
+def _after_call(store: PhaseStore, files: FileStore, lease: PhaseLease, state: dict[str, Any],
                 backend: RemoteBatchBackend) -> None:
     """Record the provider's job, then wait for the next poll or fetch its results."""
     progress = backend.progress(state["job"])
@@ -126,7 +126,7 @@ def _after_call(store: Store, files: FileStore, lease: PhaseLease, state: dict[s
         _count_failure(store, lease, state, Step.DOWNLOAD, exc, backend)
 
 
-def _count_failure(store: Store, lease: PhaseLease, state: dict[str, Any], step: Step,
+def _count_failure(store: PhaseStore, lease: PhaseLease, state: dict[str, Any], step: Step,
                    exc: BackendError, backend: RemoteBatchBackend) -> None:
     """Count a failed step: a permanent error, or the last failure in a row allowed, fails
     the batch; anything else tries the step again after a growing wait."""
@@ -150,7 +150,7 @@ def _capital(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def fail(store: Store, lease: PhaseLease, message: str,
+def fail(store: PhaseStore, lease: PhaseLease, message: str,
          backend: RemoteBatchBackend | None, job: dict[str, Any] | None = None) -> None:
     """Fail the batch with `remote_error`. A provider job still running is cancelled, once
     and on a best-effort basis, so that nobody pays for work whose results are dropped;
@@ -171,7 +171,7 @@ def _request_lines(stream: IO[bytes]) -> Iterator[bytes]:
             yield line
 
 
-def _finish(store: Store, files: FileStore, lease: PhaseLease, backend: RemoteBatchBackend,
+def _finish(store: PhaseStore, files: FileStore, lease: PhaseLease, backend: RemoteBatchBackend,
             job: dict[str, Any] | None) -> None:
     """Copy the provider's results, report requests it never answered, and end the batch."""
     batch = lease.batch

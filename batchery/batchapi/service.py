@@ -30,7 +30,7 @@ from batchery.model.files import (
     FileRecord,
 )
 from batchery.ports.filestore import FileStore
-from batchery.ports.store import Page, Store
+from batchery.ports.store import BatchApiStore, Page
 from batchery.wire.anthropic import MESSAGES_ENDPOINT
 
 _COPY_BUFFER = 1 << 20
@@ -43,7 +43,7 @@ def _quoted_list(values: Sequence[str]) -> str:
 
 
 class BatchService:
-    def __init__(self, store: Store, files: FileStore, *,
+    def __init__(self, store: BatchApiStore, files: FileStore, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, max_tasks: int = DEFAULT_MAX_TASKS,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store

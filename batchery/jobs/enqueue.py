@@ -17,7 +17,7 @@ from batchery.jobs.joblog import JobLog
 from batchery.model.jobs import BatchSpec, InputKind, Job, JobInput, JobLease
 from batchery.ports.filestore import FileStore
 from batchery.ports.jobs import JobPhaseQueue
-from batchery.ports.store import Store
+from batchery.ports.store import FileRecords
 from batchery.queue.lease import LeaseLost
 
 #: A segment file is cut after this many batches or bytes, whichever comes first.
@@ -57,7 +57,7 @@ def iter_items(job_input: JobInput, resolve: Resolver | None = None) -> Iterator
         yield from inputs.iter_records(source)
 
 
-def resolver(store: Store, files: FileStore, job: Job) -> Resolver:
+def resolver(store: FileRecords, files: FileStore, job: Job) -> Resolver:
     """Finds `job`'s project's uploaded files, as the job's submission did."""
     def resolve(file_id: str) -> inputs.Source:
         return inputs.uploaded(store.get_file(job.project, file_id), file_id, files.url,

@@ -44,7 +44,7 @@ from batchery.model.leases import (
     should_split,
 )
 from batchery.ports.filestore import FileStore
-from batchery.ports.store import Store
+from batchery.ports.store import JobWorkStore
 from batchery.queue.lease import LeaseLost
 from batchery.queue.leased import Cancelled, Leased
 from batchery.queue.parts import drop_parts, part_key, write_part
@@ -67,7 +67,7 @@ class BatchFailed(Exception):
 class JobRunner:
     """The jobs' work, as the worker loop runs it (a handler of `batchery.queue.worker`)."""
 
-    def __init__(self, store: Store, files: FileStore, ctx: WorkerContext) -> None:
+    def __init__(self, store: JobWorkStore, files: FileStore, ctx: WorkerContext) -> None:
         self.store = store
         self.files = files
         self.ctx = ctx

@@ -29,7 +29,7 @@ from batchery.model.jobs import (
     job_id,
 )
 from batchery.model.paging import Page
-from batchery.ports.store import Store
+from batchery.ports.store import JobServiceStore
 from batchery.security import auth, deployment_policy, secrets
 from batchery.security.trust import Principal, TrustPolicy
 from batchery.security.webhook_urls import check_webhook_url
@@ -57,7 +57,7 @@ class JobView:
 
 
 class JobService:
-    def __init__(self, store: Store, *, outputs_url: str, stall_after_s: float = 60.0,
+    def __init__(self, store: JobServiceStore, *, outputs_url: str, stall_after_s: float = 60.0,
                  policy: TrustPolicy = _OPEN_POLICY, files_url: str | None = None) -> None:
         self.store = store
         self.outputs_url = outputs_url

@@ -3,9 +3,10 @@ states and logs. Like the chunk queue, every write a lease guards is fenced by i
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from batchery.model.deployments import Deployment, Endpoint
 from batchery.model.jobs import (
@@ -51,7 +52,7 @@ class ReapedBatch:
     dropped: bool  #: the job had ended: the batch will not run again
 
 
-class EndpointRegistry(ABC):
+class EndpointRegistry(Protocol):
     @abstractmethod
     def list_endpoints(self) -> list[Endpoint]: ...
 
@@ -73,7 +74,7 @@ class EndpointRegistry(ABC):
         Conflict for one from the config file or with jobs in progress."""
 
 
-class JobRecords(ABC):
+class JobRecords(Protocol):
     @abstractmethod
     def insert_job(self, job: Job) -> None: ...
 
@@ -112,7 +113,7 @@ class JobRecords(ABC):
         """Jobs per status and job batches per state, for metrics."""
 
 
-class JobPhaseQueue(ABC):
+class JobPhaseQueue(Protocol):
     @abstractmethod
     def claim_job_phase(self, owner: str, lease_s: float,
                         deployments: Collection[str] | None) -> JobLease | None:
@@ -147,7 +148,7 @@ class JobPhaseQueue(ABC):
         """Completing -> done, with the final status; None if the lease was lost."""
 
 
-class JobBatchQueue(ABC):
+class JobBatchQueue(Protocol):
     @abstractmethod
     def claim_batch(self, owner: str, lease_s: float,
                     deployments: Collection[str] | None) -> BatchLease | None:
@@ -184,7 +185,7 @@ class JobBatchQueue(ABC):
         attempt), and mark their workers failed."""
 
 
-class JobObservations(ABC):
+class JobObservations(Protocol):
     @abstractmethod
     def report_job_worker(self, worker: JobWorker) -> None: ...
 
@@ -209,5 +210,5 @@ class JobObservations(ABC):
 
 
 class JobStore(EndpointRegistry, JobRecords, JobPhaseQueue, JobBatchQueue, JobObservations,
-               ABC):
+               Protocol):
     """Everything the job API keeps in the database."""

@@ -7,17 +7,23 @@ never write or count a chunk twice.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from batchery.model.batches import Batch, BatchError
 from batchery.model.chunks import Chunk, ChunkLease, ChunkPart, ChunkSpec
 from batchery.model.deployments import Deployment, Endpoint
 from batchery.model.files import FileRecord
 from batchery.model.paging import Page
-from batchery.ports.jobs import JobStore
+from batchery.ports.jobs import (
+    JobBatchQueue,
+    JobObservations,
+    JobPhaseQueue,
+    JobRecords,
+    JobStore,
+)
 
 __all__ = ["Page", "Store"]
 
@@ -46,7 +52,7 @@ class WorkerInfo:
     chunks_done: int = 0
 
 
-class FileRecords(ABC):
+class FileRecords(Protocol):
     @abstractmethod
     def insert_file(self, record: FileRecord) -> None: ...
 
@@ -73,7 +79,7 @@ class FileRecords(ABC):
         record may be gone already)."""
 
 
-class BatchRecords(ABC):
+class BatchRecords(Protocol):
     @abstractmethod
     def insert_batch(self, batch: Batch) -> None: ...
 
@@ -101,7 +107,7 @@ class BatchRecords(ABC):
         """Send batches whose window has run out to `finalizing`; returns how many."""
 
 
-class PhaseQueue(ABC):
+class PhaseQueue(Protocol):
     @abstractmethod
     def claim_phase(self, owner: str, lease_s: float) -> PhaseLease | None:
         """Claim a batch that is validating, finalizing or cancelling (once no chunk of it
@@ -150,7 +156,7 @@ class PhaseQueue(ABC):
         counts the requests (among `failed`) that never ran: cancelled or expired."""
 
 
-class ChunkQueue(ABC):
+class ChunkQueue(Protocol):
     @abstractmethod
     def claim_chunk(self, owner: str, lease_s: float) -> ChunkLease | None:
         """Claim the oldest queued chunk of a running batch."""
@@ -176,14 +182,6 @@ class ChunkQueue(ABC):
         counts of their lines already answered and a run of `expiries`."""
 
     @abstractmethod
-    def done_offsets(self, batch_id: str, start: int, end: int) -> set[int]:
-        """Where the lines answered so far start, among input bytes [start, end)."""
-
-    @abstractmethod
-    def list_parts(self, batch_id: str) -> list[ChunkPart]:
-        """Every part committed for the batch, in input order."""
-
-    @abstractmethod
     def release_chunk(self, lease: ChunkLease, *, error: str | None, count_attempt: bool,
                       max_attempts: int, delay_s: float = 0.0) -> None:
         """Hand the chunk back (or fail its unanswered lines for good once out of attempts)."""
@@ -199,7 +197,19 @@ class ChunkQueue(ABC):
         how many."""
 
 
-class Registry(ABC):
+class ChunkResults(Protocol):
+    """The lines of a batch committed so far, in parts."""
+
+    @abstractmethod
+    def done_offsets(self, batch_id: str, start: int, end: int) -> set[int]:
+        """Where the lines answered so far start, among input bytes [start, end)."""
+
+    @abstractmethod
+    def list_parts(self, batch_id: str) -> list[ChunkPart]:
+        """Every part committed for the batch, in input order."""
+
+
+class Registry(Protocol):
     @abstractmethod
     def set_deployments(self, deployments: Sequence[Deployment],
                         endpoints: Sequence[Endpoint] = ()) -> None:
@@ -220,7 +230,29 @@ class Registry(ABC):
         """How many batches are in each status and chunks in each state, for metrics."""
 
 
-class Store(FileRecords, BatchRecords, PhaseQueue, ChunkQueue, Registry, JobStore, ABC):
+class BatchApiStore(FileRecords, BatchRecords, Registry, Protocol):
+    """What the batch APIs' services use: files, batches, and which models exist."""
+
+
+class PhaseStore(FileRecords, BatchRecords, PhaseQueue, ChunkResults, Registry, Protocol):
+    """What batch-level work (validate, remote steps, assemble results) uses."""
+
+
+class ChunkStore(BatchRecords, ChunkQueue, ChunkResults, Registry, Protocol):
+    """What running chunks uses."""
+
+
+class JobServiceStore(JobStore, FileRecords, Registry, Protocol):
+    """What the jobs API uses: jobs and endpoints, and uploaded files as inputs."""
+
+
+class JobWorkStore(JobRecords, JobPhaseQueue, JobBatchQueue, JobObservations, FileRecords,
+                   Registry, Protocol):
+    """What running jobs' work uses."""
+
+
+class Store(FileRecords, BatchRecords, PhaseQueue, ChunkQueue, ChunkResults, Registry, JobStore,
+            Protocol):
     """Everything Batchery keeps in its database."""
 
     @abstractmethod

@@ -68,6 +68,11 @@ def _create(client: OpenAI, data: bytes) -> Any:
                                  completion_window="24h")
 
 
+def _completed(batch: Any) -> int:
+    counts = batch.request_counts
+    return 0 if counts is None else int(counts.completed)
+
+
 def test_repeated_sigkills_leave_no_error_lines(db: Database, tmp_path: Path,
                                                 workers_dir: Path, server_factory: Any,
                                                 client_of: Any) -> None:
@@ -193,7 +198,7 @@ def test_cancel_is_prompt_while_workers_are_busy(db: Database, tmp_path: Path,
     try:
         client = client_of(server)
         batch = _create(client, chat_file(n, model="echo-slow"))
-        until(lambda: client.batches.retrieve(batch.id).request_counts.completed > 0, 30,
+        until(lambda: _completed(client.batches.retrieve(batch.id)) > 0, 30,
               "the first lines to be done", detail=lambda: workers.log()[-3000:])
         asked = time.monotonic()
         client.batches.cancel(batch.id)

@@ -11,6 +11,7 @@ from batchery.model.deployments import API, Deployment, Endpoint
 from batchery.model.exceptions import Conflict, NotFound
 from batchery.model.jobs import (
     BatchSpec,
+    BatchState,
     InputKind,
     Job,
     JobInput,
@@ -154,7 +155,32 @@ def test_expired_leases_are_reaped_and_their_workers_marked_failed(store: SqlSto
     assert not store.complete_batch(lease, out_key=None, duration_s=1)  # fenced out
     (worker,) = store.list_job_workers(job.id)
     assert worker.state is WorkerState.FAILED
-    assert store.claim_batch("w2", LONG, None) is not None
+    again = store.claim_batch("w2", LONG, None)
+    assert again is not None
+    # The worker died: an expiry, not an attempt of the batch.
+    assert (again.attempts, again.expiries) == (0, 1)
+    got = store.get_job(None, job.id)
+    assert got is not None and got.metrics.failed == 0
+
+
+def test_split_batches_and_a_poison_item_dead_alone(store: SqlStore) -> None:
+    job = enqueued(store, 1, max_retries=5)
+    lease = store.claim_batch("w", LONG, None)
+    assert lease is not None
+    spec = lease.spec
+    halves = [replace(spec, end_offset=spec.start_offset + 1, n_items=1),
+              replace(spec, start_offset=spec.start_offset + 1,
+                      first_item=spec.first_item + 1, n_items=1)]
+    assert store.split_batch(lease, halves)
+    assert not store.split_batch(lease, halves)  # fenced
+    states = store.batch_state_counts(job.id)
+    assert states == {BatchState.SPLIT.value: 1, BatchState.QUEUED.value: 2}
+    first = store.claim_batch("w", LONG, None)
+    assert first is not None and first.expiries >= 1 and first.spec.n_items == 1
+    # A poison item is a dead letter at once, whatever retries remain.
+    assert store.fail_batch_attempt(first, "worker_crashed: …", delay_s=0.0, dead=True)
+    got = store.get_job(None, job.id)
+    assert got is not None and got.metrics.dead_letters == 1 and got.items_failed == 1
 
 
 def test_stop_keeps_batches_in_flight_and_drops_queued_ones(store: SqlStore) -> None:

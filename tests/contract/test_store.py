@@ -1067,3 +1067,96 @@ def test_upgrading_from_the_first_revision_keeps_the_rows(fresh_url: str) -> Non
         store.close()
     assert (got.status, got.completed, got.unrun, got.metadata, got.remote) == (
         BatchStatus.COMPLETED, 3, 0, {"k": "v"}, None)
+
+
+# -- the lease core: parts, splits and bounded phases ------------------------------------
+
+def test_parts_count_at_once_and_name_the_lines_they_answer(store: Store) -> None:
+    batch = started_batch(store, 1)
+    lease = claim_chunk(store)
+    assert store.commit_part(lease, result(3, 1, tag="a", first=1000 - 1000))
+    got = get_batch(store, batch.id)
+    assert (got.completed, got.failed, got.status) == (3, 1, BatchStatus.IN_PROGRESS)
+    assert store.done_offsets(batch.id, 0, 1000) == {0, 1, 2, 3}
+    assert store.done_offsets(batch.id, 2, 3) == {2}
+    # The lease is kept: more parts, then the completion.
+    assert store.renew_chunk(lease, LONG)
+    assert store.complete_chunk(lease, result(6, 0, tag="b", first=4))
+    assert [len(p.offsets) for p in store.list_parts(batch.id)] == [4, 6]
+    got = get_batch(store, batch.id)
+    assert (got.completed, got.failed, got.status) == (9, 1, BatchStatus.FINALIZING)
+
+
+def test_a_part_from_a_lost_lease_counts_nothing(store: Store) -> None:
+    batch = started_batch(store, 1)
+    old = claim_chunk(store, SHORT, owner="dead")
+    time.sleep(SHORT_WAIT)
+    assert store.reap_expired() == 1
+    new = claim_chunk(store, LONG, owner="alive")
+    assert not store.commit_part(old, result(5, 0, tag="old"))
+    assert store.commit_part(new, result(2, 0, tag="new"))
+    assert get_batch(store, batch.id).completed == 2
+    assert [p.out_key for p in store.list_parts(batch.id)] == ["parts/new.out"]
+
+
+def test_a_chunk_failed_for_good_fails_only_its_unanswered_lines(store: Store) -> None:
+    batch = started_batch(store, 1)
+    lease = claim_chunk(store)
+    assert store.commit_part(lease, result(7, 0))
+    store.release_chunk(lease, error="fatal", count_attempt=True, max_attempts=1)
+    got = get_batch(store, batch.id)
+    assert (got.completed, got.failed, got.status) == (7, 3, BatchStatus.FINALIZING)
+
+
+def test_split_replaces_a_chunk_by_queued_halves(store: Store) -> None:
+    batch = started_batch(store, 1)
+    lease = claim_chunk(store)
+    halves = [ChunkSpec(index=0, start_offset=0, end_offset=400, first_line=0, n_lines=4),
+              ChunkSpec(index=0, start_offset=400, end_offset=1000, first_line=4, n_lines=6)]
+    assert store.split_chunk(lease, halves, [(1, 0), (0, 0)], 1)
+    assert not store.split_chunk(lease, halves, [(0, 0), (0, 0)], 1)  # fenced
+    states = [(c.state, c.spec.n_lines, c.n_ok, c.expiries)
+              for c in store.list_chunks(batch.id)]
+    assert states == [(ChunkState.SPLIT, 10, 0, 0), (ChunkState.QUEUED, 4, 1, 1),
+                      (ChunkState.QUEUED, 6, 0, 1)]
+    first, second = claim_chunk(store), claim_chunk(store)
+    assert (first.spec.start_offset, second.spec.start_offset) == (0, 400)
+    assert first.expiries == second.expiries == 1
+    assert store.complete_chunk(first, result(3, 0, first=1))
+    assert get_batch(store, batch.id).status is BatchStatus.IN_PROGRESS  # the split one is over
+    assert store.complete_chunk(second, result(6, 0, first=400))
+    assert get_batch(store, batch.id).status is BatchStatus.FINALIZING
+
+
+def test_a_chunk_of_a_cancelled_batch_stops_renewing_but_can_still_commit(
+        store: Store) -> None:
+    batch = started_batch(store, 2)
+    lease = claim_chunk(store)
+    store.request_cancel(PROJECT, batch.id, NOW + 5)
+    assert not store.renew_chunk(lease, LONG)  # the worker learns to stop
+    # Assembling the results waits while the chunk's lease is live…
+    assert store.claim_phase("w", LONG) is None
+    # …so the lines it finished are committed and kept.
+    assert store.commit_part(lease, result(4, 0))
+    store.release_chunk(lease, error="handed back", count_attempt=False, max_attempts=5)
+    phase = claim_phase(store, batch.id)
+    assert phase.batch.status is BatchStatus.CANCELLING
+    assert get_batch(store, batch.id).completed == 4
+
+
+def test_failed_phase_tries_are_counted_and_success_starts_again(store: Store) -> None:
+    batch = make_batch()
+    store.insert_batch(batch)
+    first = claim_phase(store, batch.id)
+    assert first.attempts == 0
+    store.release_phase(first, error="OSError: disk")
+    second = claim_phase(store, batch.id)
+    assert (second.attempts, second.last_error) == (1, "OSError: disk")
+    # A worker that died holding the work counts as a failed try too.
+    store.release_phase(second)  # succeeded: the count starts again
+    third = claim_phase(store, batch.id, SHORT, owner="dies")
+    assert third.attempts == 0
+    time.sleep(SHORT_WAIT)
+    fourth = claim_phase(store, batch.id, LONG)
+    assert fourth.attempts == 1
+    assert not store.renew_phase(third, LONG)

@@ -63,9 +63,12 @@ def validate(store: PhaseStore, files: FileStore, lease: PhaseLease, lost: Calla
     batch = lease.batch
     record = store.get_file(batch.project, batch.input_file_id)
     now = int(time.time())
-    if record is None or (record.expires_at is not None and record.expires_at <= now) \
-            or not _blob_exists(files, record.storage_key):
-        store.fail_batch(lease, [missing_input(batch)], now)
+    # A file deleted after the batch was created leaves its blob to the batch, which
+    # pinned it (`input_key`) at creation.
+    key = record.storage_key if record is not None else batch.input_key
+    if key is None or (record is not None and record.expires_at is not None
+                       and record.expires_at <= now) or not _blob_exists(files, key):
+        _fail(store, files, lease, [missing_input(batch)], now)
         return
     # Another project's deployments are unknown models here, as they are in its listing.
     deployments = {d.name: d for d in store.list_deployments() if d.usable_by(batch.project)}
@@ -79,10 +82,10 @@ def validate(store: PhaseStore, files: FileStore, lease: PhaseLease, lost: Calla
                    else lambda _: True)
 
     def reread() -> Iterator[tuple[int, bytes]]:
-        with _reading(files, record.storage_key) as again:
+        with _reading(files, key) as again:
             yield from validation.iter_lines(again)
 
-    with _reading(files, record.storage_key) as stream:
+    with _reading(files, key) as stream:
         report = validation.validate(
             _checked(validation.iter_lines(stream), lost),
             endpoint=canonical_endpoint(batch.endpoint),
@@ -90,16 +93,16 @@ def validate(store: PhaseStore, files: FileStore, lease: PhaseLease, lost: Calla
             chunk_size=batch.chunk_size, reread=reread)
     now = int(time.time())
     if not report.ok:
-        store.fail_batch(lease, report.errors, now)
+        _fail(store, files, lease, report.errors, now)
         return
     model = next(iter(report.models)) if len(report.models) == 1 else None
     remote = _remote_plan(batch, report.models, deployments, remote_endpoints)
     if isinstance(remote, BatchError):
-        store.fail_batch(lease, [remote], now)
+        _fail(store, files, lease, [remote], now)
         return
     chunks = report.chunks if remote is not None else spread(
-        files, record.storage_key, report.chunks, batch.chunk_size, live_workers(store))
-    store.start_batch(lease, total=report.total, model=model, input_key=record.storage_key,
+        files, key, report.chunks, batch.chunk_size, live_workers(store))
+    store.start_batch(lease, total=report.total, model=model, input_key=key,
                       chunks=chunks, now=now, remote=remote)
 
 
@@ -339,6 +342,13 @@ def _unrun_renderer(batch: Batch, chunk: Chunk, reason: EndReason) -> Callable[[
 def _last_line(text: str | None) -> str:
     lines = [line for line in (text or "unknown error").strip().splitlines() if line.strip()]
     return lines[-1] if lines else "unknown error"
+
+
+def _fail(store: PhaseStore, files: FileStore, lease: PhaseLease,
+          errors: list[BatchError], now: int) -> None:
+    """Fail the batch in validation; an input file deleted meanwhile takes its blob along."""
+    if store.fail_batch(lease, errors, now):
+        _drop_orphaned_input(store, files, lease.batch)
 
 
 def _drop_orphaned_input(store: PhaseStore, files: FileStore, batch: Batch) -> None:

@@ -141,28 +141,32 @@ class BatchService:
         _check_metadata(metadata)
         # Checked as the hosted API does; the output files' expiry is not applied yet.
         _check_output_expiry(output_expires_after)
-        self._check_input_file(project, input_file_id)
+        record = self._check_input_file(project, input_file_id)
         now = self._now()
+        # The blob is pinned from here on: a client that deletes the input file right after
+        # creating the batch (cleaning up) does not take it away from the batch.
         batch = Batch(id=ids.batch_id(), project=project, endpoint=endpoint,
                       input_file_id=input_file_id, completion_window=completion_window,
                       status=BatchStatus.VALIDATING, created_at=now, expires_at=now + window,
                       metadata=metadata, chunk_size=self.chunk_size, max_tasks=self.max_tasks,
-                      webhook_url=webhook_url)
+                      webhook_url=webhook_url,
+                      input_key=record.storage_key if record is not None else None)
         self.store.insert_batch(batch)
         return batch
 
-    def _check_input_file(self, project: str, file_id: str) -> None:
+    def _check_input_file(self, project: str, file_id: str) -> FileRecord | None:
         """A batch reads only files uploaded for batches, as on the hosted API. An unknown
         id is not refused here: the batch fails in validation, as it does there."""
         try:
             record = self.get_file(project, file_id)
         except NotFound:
-            return
+            return None
         if record.purpose != "batch":
             raise InvalidRequest(f"Invalid value for 'input_file_id': the file '{file_id}' "
                                  f"has purpose '{record.purpose}', but a batch's input file "
                                  f"must be uploaded with purpose 'batch'.",
                                  param="input_file_id", code="invalid_value")
+        return record
 
     def get_batch(self, project: str, batch_id: str) -> Batch:
         batch = self.store.get_batch(project, batch_id)

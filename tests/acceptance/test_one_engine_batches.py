@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from openai import OpenAI
 
@@ -78,7 +79,7 @@ def test_repeated_sigkills_leave_no_error_lines(db: Database, tmp_path: Path,
                                                 client_of: Any) -> None:
     """Three workers, one SIGKILLed and replaced about every second until the batch
     ends: every line is answered exactly once, none in the error file."""
-    config = write_config(tmp_path / "config.yaml", [echo("echo-slow", 8)])
+    config = write_config(tmp_path / "config.yaml", [echo("echo-slow", 5)])
     server = serve(server_factory, db, config, "--workers", "0")
     workers = Workers(server, db, workers_dir)
     workers.start(3)
@@ -132,7 +133,7 @@ def test_a_poison_line_is_isolated_and_fails_alone(db: Database, tmp_path: Path,
         client = client_of(server)
         batch = _create(client, jsonl(lines))
         # Isolating one line takes several crashes, each a lease of LEASE_S to run out.
-        done = wait_batch(client, batch.id, 100, between=restart_the_dead)
+        done = wait_batch(client, batch.id, 60, between=restart_the_dead)
         out = file_lines(client, done.output_file_id)
         errors = file_lines(client, done.error_file_id)
     finally:
@@ -155,7 +156,8 @@ def test_deleting_the_input_right_after_create_always_ends(db: Database, tmp_pat
                                                            server_factory: Any,
                                                            client_of: Any) -> None:
     """Upload, create, delete the input file at once (or a moment later): every batch
-    ends within 30 s, those that fail say `file_not_found`, and nothing loops on errors."""
+    ends within 30 s, and nothing loops on errors. The batch pinned its input when it was
+    created, so it runs to the end: a client cleaning up takes nothing away from it."""
     config = write_config(tmp_path / "config.yaml", [echo("echo-slow", 2)])
     # The server's own workers, so their tracebacks land in the server's log.
     server = serve(server_factory, db, config, "--workers", "2",
@@ -176,10 +178,11 @@ def test_deleting_the_input_right_after_create_always_ends(db: Database, tmp_pat
     for batch_id, at in created:
         ended[batch_id] = wait_batch(client, batch_id, max(1.0, at + 30 - time.monotonic()))
     for batch in ended.values():
-        assert batch.status in ("completed", "failed"), (batch.id, batch.status)
-        if batch.status == "failed":
-            assert batch.errors is not None and batch.errors.data, batch
-            assert batch.errors.data[0].code == "file_not_found", batch.errors.data[0]
+        assert batch.status == "completed", (batch.id, batch.status, batch.errors)
+        assert batch.request_counts.completed == 50
+        # The input's blob went with the end of the batch that kept it.
+        with pytest.raises(openai.NotFoundError):
+            client.files.content(batch.input_file_id)
     tracebacks = server.log().count("Traceback")
     assert tracebacks <= 3 * len(created), server.log()[-4000:]
 

@@ -101,7 +101,7 @@ def test_a_poison_item_is_isolated_and_fails_alone(jobs: Jobs) -> None:
                                "workers": 2,
                                "config": {"poison": f"item-{poison}", "sleep": 0.05}})
     # Isolating one item takes several crashes, each a lease of LEASE_S to run out.
-    done = jobs.wait(job["id"], timeout=100)
+    done = jobs.wait(job["id"], timeout=60)
     dead = jobs.listing(f"/jobs/{job['id']}/failed_batches")
     assert done["status"] == "completed_with_failures", (done, dead)
     assert [(d["first_item"], d["item_count"]) for d in dead] == [(poison, 1)], dead

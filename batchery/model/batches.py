@@ -58,6 +58,9 @@ class BatchStatus(enum.StrEnum):
     EXPIRED = "expired"  #: the completion window ran out; partial results are ready
     CANCELLING = "cancelling"  #: a cancel was asked for; partial results are being assembled
     CANCELLED = "cancelled"  #: cancelled; partial results are ready
+    #: (extension) paused: no new work is claimed until it is resumed; the completion
+    #: window keeps running
+    PAUSED = "paused"
 
     @property
     def is_terminal(self) -> bool:
@@ -140,3 +143,16 @@ class Batch:
     #: An extra receiver of this batch's end event (extension), signed with the project's
     #: webhook secret.
     webhook_url: str | None = None
+    #: (extension) Work of higher priority is claimed first; then the earliest deadline.
+    priority: int = 0
+    #: (extension) When the batch was paused, if it is.
+    paused_at: int | None = None
+    #: (extension) The batch whose failed lines this one runs again.
+    retry_of: str | None = None
+    #: (extension) Spend ceilings: crossing one stops the batch like a cancel.
+    max_cost: float | None = None
+    max_total_tokens: int | None = None
+    #: (extension) What the lines finished so far cost, at the deployments' prices.
+    cost: float = 0.0
+    #: (extension) Things the caller should know (no live worker, a window it may miss).
+    warnings: list[str] | None = None

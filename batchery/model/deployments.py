@@ -61,6 +61,8 @@ class Deployment:
     project: str | None = None
     #: The config file's allow-list of projects that may use it; None: every project.
     projects: tuple[str, ...] | None = None
+    #: Prices per million tokens (`input`, `output`), for the cost of batches and jobs.
+    prices: dict[str, float] | None = None
 
     @property
     def short_name(self) -> str:

@@ -139,6 +139,14 @@ class Job:
     #: An extra receiver of this job's end event (extension), signed with the project's
     #: webhook secret.
     webhook_url: str | None = None
+    #: Work of higher priority is claimed first; then the earliest deadline.
+    priority: int = 0
+    #: When the job was paused, if it is.
+    paused_at: float | None = None
+    #: The job whose dead letters this one runs again.
+    retry_of: str | None = None
+    #: Things the caller should know (no live worker, say).
+    warnings: list[str] | None = None
 
     @property
     def qualified_deployment(self) -> str:

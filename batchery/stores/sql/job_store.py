@@ -220,7 +220,8 @@ class SqlJobStore(JobStore):
         with self.engine.begin() as conn:
             claimed = self._job_phases.claim(
                 conn, owner, lease_s, where=[needs_work, _of_deployments(deployments)],
-                order_by=[jobs.c.seq], values={"phase_attempts": jobs.c.phase_attempts + died})
+                order_by=[jobs.c.priority.desc(), jobs.c.seq],
+                values={"phase_attempts": jobs.c.phase_attempts + died})
         if claimed is None:
             return None
         row = claimed.row
@@ -351,7 +352,9 @@ class SqlJobStore(JobStore):
                             jobs.c.stage.in_(_ACTIVE_STAGES),
                             _of_deployments(deployments),
                             sa.or_(workers.is_(None), in_flight < workers))
-                     .order_by(job_batches.c.id).limit(1)
+                     # By priority, then the earliest deadline (none: last), then age.
+                     .order_by(jobs.c.priority.desc(), jobs.c.deadline.is_(None),
+                               jobs.c.deadline, job_batches.c.id).limit(1)
                      .with_for_update(skip_locked=True, of=job_batches))
         passed_over: list[str] = []
         while True:
@@ -576,7 +579,8 @@ def deployment_row(d: Deployment) -> dict[str, Any]:
     return {"name": d.name, "backend": d.backend, "options": d.options,
             "endpoint": d.endpoint, "workers": d.workers.to_dict() if d.workers else None,
             "source": d.source, "project": d.project,
-            "projects": list(d.projects) if d.projects is not None else None}
+            "projects": list(d.projects) if d.projects is not None else None,
+            "prices": d.prices}
 
 
 def endpoint_row(endpoint: Endpoint) -> dict[str, Any]:
@@ -604,7 +608,9 @@ def _job_row(job: Job) -> dict[str, Any]:
                         "batch_timeout": o.batch_timeout_s, "max_retries": o.max_retries,
                         "error_threshold": o.error_threshold, "output": o.output.value},
             "output_path": job.output_path, "created_at": job.created_at,
-            "deadline": job.deadline, "webhook_url": job.webhook_url}
+            "deadline": job.deadline, "webhook_url": job.webhook_url,
+            "priority": job.priority, "paused_at": job.paused_at, "retry_of": job.retry_of,
+            "warnings": job.warnings}
 
 
 def _job(row: RowMapping) -> Job:
@@ -630,7 +636,9 @@ def _job(row: RowMapping) -> Job:
                items_failed=row["items_failed"], metrics=metrics, error=row["error"],
                created_at=row["created_at"], started_at=row["started_at"],
                ended_at=row["ended_at"], results_url=row["results_url"],
-               webhook_url=row["webhook_url"])
+               webhook_url=row["webhook_url"], priority=row["priority"],
+               paused_at=row["paused_at"], retry_of=row["retry_of"],
+               warnings=row["warnings"])
 
 
 def _spec(row: RowMapping) -> BatchSpec:

@@ -229,7 +229,8 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
         died = sa.case((batches.c.lease_token.is_not(None), 1), else_=0)
         with self.engine.begin() as conn:
             claimed = self._phases.claim(
-                conn, owner, lease_s, where=[needs_work], order_by=[batches.c.seq],
+                conn, owner, lease_s, where=[needs_work],
+                order_by=[batches.c.priority.desc(), batches.c.expires_at, batches.c.seq],
                 values={"phase_attempts": batches.c.phase_attempts + died})
         if claimed is None:
             return None
@@ -347,10 +348,12 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
 
     def claim_chunk(self, owner: str, lease_s: float) -> ChunkLease | None:
         with self.engine.begin() as conn:
+            # By priority, then the earliest deadline, then age.
             claimed = self._chunks.claim(
                 conn, owner, lease_s,
                 join=(batches, batches.c.id == chunks.c.batch_id),
-                where=[batches.c.status == BatchStatus.IN_PROGRESS.value])
+                where=[batches.c.status == BatchStatus.IN_PROGRESS.value],
+                order_by=[batches.c.priority.desc(), batches.c.expires_at, chunks.c.id])
             if claimed is None:
                 return None
             batch = conn.execute(sa.select(batches.c.endpoint, batches.c.input_key).where(
@@ -536,7 +539,8 @@ def _deployment(row: RowMapping) -> Deployment:
     return Deployment(name=row["name"], backend=row["backend"], options=row["options"],
                       endpoint=row["endpoint"], workers=pool_from_dict(row["workers"]),
                       source=row["source"], project=row["project"],
-                      projects=tuple(allowed) if allowed is not None else None)
+                      projects=tuple(allowed) if allowed is not None else None,
+                      prices=row["prices"])
 
 
 def _file_row(record: FileRecord) -> dict[str, Any]:
@@ -556,7 +560,8 @@ _BATCH_FIELDS = ("id", "project", "endpoint", "input_file_id", "completion_windo
                  "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
                  "cancelling_at", "cancelled_at", "total", "completed", "failed",
                  "input_tokens", "output_tokens", "metadata", "input_key",
-                 "chunk_size", "max_tasks", "unrun", "remote", "webhook_url")
+                 "chunk_size", "max_tasks", "unrun", "remote", "webhook_url", "priority",
+                 "paused_at", "retry_of", "max_cost", "max_total_tokens", "cost", "warnings")
 
 
 def _batch_row(batch: Batch) -> dict[str, Any]:

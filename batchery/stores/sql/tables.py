@@ -60,6 +60,13 @@ batches = sa.Table(
     sa.Column("lease_expires_at", sa.Float, nullable=True),
     sa.Column("phase_attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("phase_error", sa.Text, nullable=True),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("paused_at", sa.BigInteger, nullable=True),
+    sa.Column("retry_of", sa.String(64), nullable=True),
+    sa.Column("max_cost", sa.Float, nullable=True),
+    sa.Column("max_total_tokens", sa.BigInteger, nullable=True),
+    sa.Column("cost", sa.Float, nullable=False, server_default="0"),
+    sa.Column("warnings", sa.JSON(none_as_null=True), nullable=True),
     sa.Index("ix_batches_project_seq", "project", "seq"),
     sa.Index("ix_batches_status", "status"),
 )
@@ -116,6 +123,7 @@ deployments = sa.Table(
     sa.Column("source", sa.String(16), nullable=False, server_default="config"),
     sa.Column("project", sa.String(128), nullable=True),
     sa.Column("projects", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("prices", sa.JSON(none_as_null=True), nullable=True),
 )
 
 workers = sa.Table(
@@ -176,6 +184,10 @@ jobs = sa.Table(
     sa.Column("lease_expires_at", sa.Float, nullable=True),
     sa.Column("phase_attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("phase_error", sa.Text, nullable=True),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("paused_at", sa.Float, nullable=True),
+    sa.Column("retry_of", sa.String(64), nullable=True),
+    sa.Column("warnings", sa.JSON(none_as_null=True), nullable=True),
     sa.Index("ix_jobs_project_seq", "project", "seq"),
     sa.Index("ix_jobs_stage", "stage"),
 )
@@ -309,4 +321,18 @@ server_secrets = sa.Table(
     "server_secrets", metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
+)
+
+
+#: Idempotent creates: a caller's key, within a project and a kind of object (`batch`,
+#: `message_batch`, `job`), names the object it created and a fingerprint of the request.
+idempotency_keys = sa.Table(
+    "idempotency_keys", metadata,
+    sa.Column("project", sa.String(128), primary_key=True),
+    sa.Column("kind", sa.String(32), primary_key=True),
+    sa.Column("key", sa.String(256), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("object_id", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_idempotency_keys_created_at", "created_at"),
 )

@@ -53,7 +53,7 @@ import orjson
 
 from batchery.backends.echo import answer
 from batchery.model.batches import DEFAULT_CHUNK_SIZE, Batch, BatchStatus
-from batchery.model.chunks import ChunkResult, ChunkSpec
+from batchery.model.chunks import ChunkPart, ChunkSpec
 from batchery.stores.sql.engine import sqlite_url
 from batchery.stores.sql.store import SqlStore
 from batchery.wire.openai_lines import response_line
@@ -440,7 +440,7 @@ def store_round_trip(db_path: Path, rounds: int = 500) -> dict[str, float]:
                            n_lines=1) for i in range(rounds + 1)]
         store.start_batch(phase, total=len(specs), model="echo", input_key="files/bench",
                           chunks=specs, now=now)
-        result = ChunkResult(n_ok=1, n_err=0, out_key="parts/x.out", err_key=None)
+        result = ChunkPart(n_ok=1, n_err=0, out_key="parts/x.out", err_key=None, offsets=(0,))
         started = time.perf_counter()
         for _ in range(rounds):
             lease = store.claim_chunk("bench", 30.0)

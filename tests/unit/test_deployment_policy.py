@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,9 +20,9 @@ from batchery.cli import server as server_cli
 from batchery.model import deployments
 from batchery.model.deployments import API, CONFIG, Deployment, WorkerPoolSpec
 from batchery.model.exceptions import ConfigError, Forbidden, InvalidRequest
+from batchery.queue.pool import Supervisor
 from batchery.security import deployment_policy
 from batchery.security.trust import Limits, TrustPolicy
-from batchery.settings import Settings
 
 SHARED = TrustPolicy(open=False, allowed_env=frozenset({"OPENAI_API_KEY"}),
                      upstream_hosts=("api.openai.com", "127.0.0.1:9000", "*.example.com",
@@ -284,7 +285,7 @@ def test_protected_paths_compare_real_paths(tmp_path: Path) -> None:
 
 
 class FakeRegistry:
-    """What `DeploymentPools` reads from the store: the deployments, and no job demand."""
+    """What the job pools' plan reads from the store: the deployments, and no job demand."""
 
     def __init__(self, deployments: list[Deployment]) -> None:
         self.deployments = deployments
@@ -306,7 +307,7 @@ def test_api_pools_are_capped_and_deleted_deployments_stopped(
         caplog: pytest.LogCaptureFixture) -> None:
     spawned: dict[str, list[subprocess.Popen[bytes]]] = {}
 
-    def spawn(_settings: Any, _level: str, *args: str) -> subprocess.Popen[bytes]:
+    def spawn(args: Sequence[str]) -> subprocess.Popen[bytes]:
         name = args[args.index("--deployment") + 1]
         # The stubborn ones ignore SIGTERM, as a worker stuck in a predictor might.
         script = "trap '' TERM; exec sleep 60" if "stubborn" in name else "exec sleep 60"
@@ -314,13 +315,11 @@ def test_api_pools_are_capped_and_deleted_deployments_stopped(
         spawned.setdefault(name, []).append(proc)
         return proc
 
-    monkeypatch.setattr(server_cli, "_spawn_worker", spawn)
-    monkeypatch.setattr(server_cli, "RETIRE_GRACE_S", 0.5)
     registry = FakeRegistry([pooled("one/v1", API, 3), pooled("stubborn/v1", API, 3),
                              pooled("conf/v1", CONFIG, 2)])
     policy = TrustPolicy(open=False, limits=Limits(max_api_pool_processes=4))
-    pools = server_cli.DeploymentPools(Settings(data_dir=tmp_path), cast(Any, registry), "info",
-                                       policy=policy)
+    pools = Supervisor(spawn, lambda: server_cli.job_pools(cast(Any, registry)),
+                       cap=policy.limits.max_api_pool_processes, retire_grace_s=0.5)
     try:
         pools.scale()
         pools.scale()

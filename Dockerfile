@@ -1,7 +1,9 @@
 # The Batchery service image: the core, and any extras named at build time.
 #   docker build -t batchery .
 #   docker build -t batchery:models --build-arg EXTRAS=postgres,s3,embeddings .
-#   docker run -p 8000:8000 -v batchery-data:/data batchery
+#   docker run --rm -v batchery-data:/data --entrypoint batchery batchery \
+#       keys create --keys-file /data/keys.yaml --project team-a --role admin
+#   docker run -p 8000:8000 -v batchery-data:/data batchery --keys-file /data/keys.yaml
 FROM python:3.11-slim AS build
 ARG EXTRAS=postgres,s3
 # llama-cpp-python compiles llama.cpp when the `llama` extra is asked for.
@@ -24,6 +26,6 @@ RUN useradd --create-home --uid 10001 batchery && mkdir /data && chown batchery 
 USER batchery
 VOLUME /data
 EXPOSE 8000
-# Listening beyond loopback needs a keys file (`--keys-file`), or `--insecure` on a
-# private network: see docs/security.md.
+# Listening beyond loopback needs a keys file (`--keys-file`, as above), or `--insecure` on
+# a private network: `serve` refuses to start otherwise, and says so (docs/security.md).
 ENTRYPOINT ["batchery", "serve", "--host", "0.0.0.0", "--port", "8000", "--data-dir", "/data"]

@@ -110,13 +110,25 @@ def serve(
     pools.start()
     names = ", ".join(d.name for d in runtime.store.list_deployments() if not d.endpoint)
     console.print(f"Batchery on http://{host}:{port}/v1 with {size} worker(s); "
-                  f"deployments: {names}; data: {settings.data_dir.resolve()}")
+                  f"deployments: {names}; database: {redacted(settings.db_url)}; "
+                  f"files: {redacted(settings.file_store_url)}", highlight=False)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower(),
                     timeout_graceful_shutdown=5)
     finally:
         pools.stop()
         runtime.close()
+
+
+def redacted(url: str) -> str:
+    """`url` without the password (or secret key) it may carry, for printing. The user
+    information runs to the last `@`: a secret may hold `/` or `@` unescaped."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, host = rest.rsplit("@", 1)
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
 
 
 def _is_loopback(host: str) -> bool:

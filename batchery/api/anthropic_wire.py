@@ -32,9 +32,12 @@ def request_counts(batch: Batch) -> dict[str, int]:
         return {"processing": 0, "succeeded": 0, "errored": batch.total, "canceled": 0,
                 "expired": 0}
     expired = batch.unrun if batch.end_reason is EndReason.EXPIRED else 0
-    canceled = batch.unrun - expired
+    # (extension) The requests a spend ceiling stopped are `errored` results.
+    over_budget = batch.unrun if batch.end_reason is EndReason.BUDGET_EXCEEDED else 0
+    canceled = batch.unrun - expired - over_budget
     return {"processing": 0, "succeeded": batch.completed,
-            "errored": batch.failed - batch.unrun, "canceled": canceled, "expired": expired}
+            "errored": batch.failed - batch.unrun + over_budget, "canceled": canceled,
+            "expired": expired}
 
 
 def ended_at(batch: Batch) -> int | None:
@@ -54,6 +57,15 @@ def message_batch(batch: Batch, base_url: str) -> dict[str, Any]:
                         if ended else None),
         # Extension: the provider's job, for a batch handed to a provider's batch API.
         "remote_job": batch.remote.get("job") if batch.remote else None,
+        # Extension: the message batch whose failed requests this one reruns.
+        "retry_of": batch.retry_of,
+        # Extensions: a paused batch stays `in_progress` and says since when it is paused.
+        "paused_at": rfc3339(batch.paused_at), "priority": batch.priority,
+        "warnings": batch.warnings,
+        # Extensions: tokens and cost of the requests finished so far, and the ceilings.
+        "usage": {"input_tokens": batch.input_tokens, "output_tokens": batch.output_tokens},
+        "cost": batch.cost, "max_cost": batch.max_cost,
+        "max_total_tokens": batch.max_total_tokens,
     }
 
 
@@ -74,6 +86,11 @@ class MessageBatchCounts(BaseModel):
     expired: int
 
 
+class MessageBatchUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
 class MessageBatch(BaseModel):
     id: str
     type: Literal["message_batch"]
@@ -87,6 +104,21 @@ class MessageBatch(BaseModel):
     results_url: str | None
     #: Extension: the provider's job, for a batch handed to a provider's batch API.
     remote_job: Any
+    #: Extension: the message batch whose failed requests this one reruns (`…/retry`).
+    retry_of: str | None
+    #: Extension: when the batch was paused, while it is; it stays `in_progress`.
+    paused_at: datetime | None
+    #: Extension: higher runs first (-1000 to 1000; 0 by default).
+    priority: int
+    #: Extension: sentences the caller should read (no live worker, a window at risk).
+    warnings: list[str] | None
+    #: Extension: the tokens of the requests finished so far.
+    usage: MessageBatchUsage
+    #: Extension: what they cost, in US dollars at the deployments' prices.
+    cost: float
+    #: Extension: the spend ceilings; crossing one stops the batch like a cancel.
+    max_cost: float | None
+    max_total_tokens: int | None
 
 
 class MessageBatchList(BaseModel):

@@ -14,7 +14,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batchery import __version__, ui
 from batchery.api import bodies, errors, metrics
 from batchery.api.responses import JSONResponse
-from batchery.api.routes import azure, batches, files, gemini, jobs, messages, models, webhooks
+from batchery.api.routes import (
+    azure,
+    batches,
+    files,
+    gemini,
+    jobs,
+    messages,
+    models,
+    reruns,
+    webhooks,
+)
 from batchery.api.routes import keys as key_routes
 from batchery.model import ids
 from batchery.runtime import Runtime
@@ -76,7 +86,7 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None,
     # Added after the error middleware, so further out: its 413 is counted by the metrics.
     app.add_middleware(bodies.BodyLimit,
                        limit_for=functools.partial(bodies.body_cap, runtime.policy.limits))
-    for module in (files, batches, models, messages, webhooks):
+    for module in (files, batches, models, messages, webhooks, reruns):
         app.include_router(module.router, prefix="/v1")
     app.include_router(azure.legacy_router, prefix="/openai")
     app.include_router(azure.v1_router, prefix="/openai/v1")

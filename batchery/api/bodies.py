@@ -14,8 +14,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batchery.api import errors
 from batchery.batchapi.gemini import UPLOAD_MOUNTS
 from batchery.jobs import submission
+from batchery.model import idempotency, spend
 from batchery.model.exceptions import InvalidRequest, TooLarge
 from batchery.model.jobs import InputKind, OutputMode
+from batchery.model.priority import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from batchery.security.trust import Limits
 from batchery.security.webhook_urls import URL_JSON_SCHEMA
 
@@ -56,6 +58,43 @@ async def json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return body
+
+
+def idempotency_of(request: Request, body: dict[str, Any],
+                   **more: Any) -> idempotency.Idempotency | None:
+    """The create's idempotency key (extension), from the `Idempotency-Key` header or the
+    `idempotency_key` body field, with the fingerprint of its parameters (the body, and
+    `more` given outside it)."""
+    return idempotency.from_request(request.headers.get(idempotency.HEADER), body, **more)
+
+
+#: The OpenAPI description of the `Idempotency-Key` header of the create routes.
+_KEY_PATTERN = "^[^\\u0000-\\u001f\\u007f]*$"
+IDEMPOTENCY_HEADER = {"name": idempotency.HEADER, "in": "header", "required": False,
+                      "schema": {"type": "string", "minLength": 1,
+                                 "maxLength": idempotency.MAX_KEY_LENGTH,
+                                 "pattern": _KEY_PATTERN},
+                      "description": "Extension: the same key with the same parameters "
+                                     "returns the object the first request made (kept 24 "
+                                     "hours); with other parameters, 409 (code 'conflict')."}
+#: The body field that may carry the key instead (what `extra_body` sends).
+IDEMPOTENCY_FIELD = {"type": "string", "minLength": 1,
+                     "maxLength": idempotency.MAX_KEY_LENGTH, "pattern": _KEY_PATTERN,
+                     "description": "Extension: the idempotency key, as a body field (the "
+                                    "Idempotency-Key header wins over it)."}
+#: A batch's spend ceilings (extension): crossing one stops the batch like a cancel.
+SPEND_FIELDS = {
+    "max_cost": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                 "description": "Extension: stop the batch once its lines cost this many US "
+                                "dollars, at its deployments' prices."},
+    "max_total_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": spend.MAX_TOKENS,
+                         "description": "Extension: stop the batch once its lines used this "
+                                        "many tokens, input and output together."}}
+#: The claim order (extension) of batches, message batches and jobs.
+PRIORITY_FIELD = {"type": ["integer", "null"], "minimum": MIN_PRIORITY,
+                  "maximum": MAX_PRIORITY, "default": DEFAULT_PRIORITY,
+                  "description": "Extension: work of higher priority is claimed first; "
+                                 "then the earliest deadline, then the oldest."}
 
 
 class BodyLimit:
@@ -151,7 +190,8 @@ JOB_SUBMISSION = json_request({
         "output_path": {"type": ["string", "null"], "minLength": 1},
         "dry_run": {"type": "boolean"},
         "webhook_url": {"anyOf": [URL_JSON_SCHEMA, {"type": "null"}],
-                        "description": "Extension: a receiver of the job's end event."}},
+                        "description": "Extension: a receiver of the job's end event."},
+        "priority": PRIORITY_FIELD, "idempotency_key": IDEMPOTENCY_FIELD},
     # Exactly one input.
     "oneOf": [{"required": [name], "properties": {name: {"type": "object"}}}
               for name in _INPUTS]}, "The job: exactly one input, and its options.")
@@ -159,13 +199,19 @@ _POOL = {"type": ["object", "null"], "additionalProperties": False,
          "properties": {"min": {"type": "integer", "minimum": 0},
                         "max": {"type": "integer", "minimum": 1},
                         "idle_seconds": {"type": "number", "exclusiveMinimum": 0}}}
+_PRICE = {"type": "number", "minimum": 0}
 _DEPLOYMENT = {"type": "object", "required": ["name", "backend"],
                "properties": {"name": _NAME,
                               "backend": {"type": "string",
                                           "description": "echo, http, openai, python, ..."},
                               "options": {"type": ["object", "null"],
                                           "description": "The backend's options."},
-                              "workers": _POOL}}
+                              "workers": _POOL,
+                              "prices": {"type": ["object", "null"],
+                                         "additionalProperties": False,
+                                         "properties": {"input": _PRICE, "output": _PRICE},
+                                         "description": "Extension: US dollars per million "
+                                                        "tokens, for the cost of batches."}}}
 NEW_DEPLOYMENT = json_request(_DEPLOYMENT, "A deployment, as in the config file.")
 NEW_ENDPOINT = json_request({
     "type": "object", "required": ["name", "deployments"],

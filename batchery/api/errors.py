@@ -60,7 +60,8 @@ async def _not_found(request: Request, exc: Exception) -> JSONResponse:
 async def _conflict(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Conflict)
     # The SDKs retry 409 unless told not to; our conflicts never pass by waiting.
-    return error_response(request, 409, exc.message, headers={"x-should-retry": "false"})
+    return error_response(request, 409, exc.message, code=exc.code,
+                          headers={"x-should-retry": "false"})
 
 
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:

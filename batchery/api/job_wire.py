@@ -30,6 +30,10 @@ def job_json(job: Job, view: JobView | None = None) -> dict[str, Any]:
         "error": job.error, "results_url": job.results_url,
         "created_at": job.created_at, "started_at": job.started_at,
         "ended_at": job.ended_at,
+        # Extensions: the claim order, a pause, and what the caller should know.
+        "priority": job.priority, "paused_at": job.paused_at, "warnings": job.warnings,
+        # Extension: the job whose dead letters this one reruns (POST …/retry).
+        "retry_of": job.retry_of,
     }
     if view is not None:
         shown |= {"batches_in_queue": view.batch_states.get(BatchState.QUEUED.value, 0),

@@ -44,13 +44,21 @@ class StoreCollector(Collector):
         yield chunks
         workers = GaugeMetricFamily("batchery_workers", "Live workers by state",
                                     labels=["state"])
+        hosts = GaugeMetricFamily("batchery_workers_by_host",
+                                  "Live workers by host (a Ray worker's node) and state",
+                                  labels=["host", "state"])
         live: dict[str, int] = {}
+        where: dict[tuple[str, str], int] = {}
         for info in self.store.list_workers():
             if time.time() - info.last_heartbeat < STALE_WORKER_S and info.state != "stopped":
                 live[info.state] = live.get(info.state, 0) + 1
+                where[info.host, info.state] = where.get((info.host, info.state), 0) + 1
         for name, n in sorted(live.items()):
             workers.add_metric([name], n)
+        for (host, doing), n in sorted(where.items()):
+            hosts.add_metric([host, doing], n)
         yield workers
+        yield hosts
         yield from self._jobs()
 
     def _jobs(self) -> Iterator[Metric]:

@@ -45,6 +45,8 @@ class DeploymentInfo(BaseModel):
     default: bool
     workers: WorkerPool | None
     source: str
+    #: Extension: US dollars per million `input` and `output` tokens, if declared.
+    prices: dict[str, float] | None
 
 
 class DeploymentList(BaseModel):
@@ -120,6 +122,14 @@ class JobInfo(BaseModel):
     created_at: float
     started_at: float | None
     ended_at: float | None
+    #: Extension: higher is claimed first (-1000 to 1000; 0 by default).
+    priority: int
+    #: Extension: when the job was paused, while it is.
+    paused_at: float | None
+    #: Extension: sentences the caller should read (no live worker, say).
+    warnings: list[str] | None
+    #: Extension: the job whose dead letters this one reruns (`POST /api/v1/jobs/{id}/retry`).
+    retry_of: str | None = None
     #: Only on one job (not in listings): its queue and its workers' states.
     batches_in_queue: int = 0
     batches_in_flight: int = 0
@@ -143,6 +153,8 @@ class JobWorkerInfo(BaseModel):
     batches_done: int
     started_at: float
     last_heartbeat: float
+    #: Extension: why a `pending` worker (Ray) is not placed yet.
+    reason: str | None = None
 
 
 class JobWorkerList(BaseModel):

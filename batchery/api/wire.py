@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
+from batchery.batchapi.estimate import METHOD, Estimate
 from batchery.model.batches import Batch, BatchStatus
 from batchery.model.deployments import Deployment
 from batchery.model.files import FileRecord
@@ -50,12 +51,31 @@ def batch_object(batch: Batch) -> dict[str, Any]:
         "usage": usage, "metadata": batch.metadata,
         # Extension: the provider's job, for a batch handed to a provider's batch API.
         "remote_job": batch.remote.get("job") if batch.remote else None,
+        # Extension: the batch whose failed lines this one reruns (POST …/retry).
+        "retry_of": batch.retry_of,
+        # Extensions: the claim order, a pause, and what the caller should know.
+        "priority": batch.priority, "paused_at": batch.paused_at, "warnings": batch.warnings,
+        # Extensions: what the lines finished so far cost, and the spend ceilings.
+        "cost": batch.cost, "max_cost": batch.max_cost,
+        "max_total_tokens": batch.max_total_tokens,
     }
+
+
+def cost_estimate_object(found: Estimate) -> dict[str, Any]:
+    """(extension) A file's estimate, as `GET /v1/files/{id}/cost_estimate` answers it."""
+    return {"object": "batch.cost_estimate", "file_id": found.file_id, "model": found.model,
+            "requests": found.requests, "invalid_lines": found.invalid_lines,
+            "input_tokens": found.input_tokens, "cost": found.cost, "currency": "usd",
+            "models": [{"model": m.model, "requests": m.requests,
+                        "input_tokens": m.input_tokens, "prices": m.prices, "cost": m.cost}
+                       for m in found.models.values()],
+            "method": METHOD}
 
 
 def model_object(deployment: Deployment, endpoints: Iterable[str] = ()) -> dict[str, Any]:
     return {"id": deployment.name, "object": "model", "created": 0, "owned_by": "batchery",
-            "backend": deployment.backend, "endpoints": sorted(endpoints)}
+            "backend": deployment.backend, "endpoints": sorted(endpoints),
+            "prices": deployment.prices}
 
 
 def list_object(items: Sequence[T], render: Callable[[T], dict[str, Any]],
@@ -156,6 +176,20 @@ class BatchObject(BaseModel):
     metadata: dict[str, str] | None
     #: Extension: the provider's job, for a batch handed to a provider's batch API.
     remote_job: Any
+    #: Extension: the batch whose failed lines this one reruns (`POST /v1/batches/{id}/retry`).
+    retry_of: str | None
+    #: Extension: higher runs first (-1000 to 1000; 0 by default).
+    priority: int
+    #: Extension: when the batch was paused, while it is (or will be, once validated).
+    paused_at: int | None
+    #: Extension: sentences the caller should read (no live worker, a window at risk).
+    warnings: list[str] | None
+    #: Extension: what the lines finished so far cost, in US dollars at the prices of their
+    #: deployments (0 when none has prices).
+    cost: float
+    #: Extension: the spend ceilings; crossing one stops the batch like a cancel.
+    max_cost: float | None
+    max_total_tokens: int | None
 
 
 class BatchList(BaseModel):
@@ -166,6 +200,35 @@ class BatchList(BaseModel):
     has_more: bool
 
 
+class ModelCostEstimate(BaseModel):
+    model: str
+    requests: int
+    input_tokens: int
+    #: US dollars per million `input` and `output` tokens; null when the model has none.
+    prices: dict[str, float] | None
+    #: The input cost in US dollars; null when the model has no prices.
+    cost: float | None
+
+
+class CostEstimate(BaseModel):
+    """Extension: a batch input file's input tokens and cost, estimated."""
+
+    object: Literal["batch.cost_estimate"]
+    file_id: str
+    #: The model every request was priced at; null: each at its line's `body.model`.
+    model: str | None
+    requests: int
+    #: Lines that are no JSON request with a body (a batch would fail validation).
+    invalid_lines: int
+    input_tokens: int
+    #: The input cost in US dollars; null unless every model has prices.
+    cost: float | None
+    currency: Literal["usd"]
+    models: list[ModelCostEstimate]
+    #: How the tokens were estimated.
+    method: str
+
+
 class ModelObject(BaseModel):
     id: str
     object: Literal["model"]
@@ -174,6 +237,8 @@ class ModelObject(BaseModel):
     backend: str
     #: Extension: the batch endpoints whose lines this model answers.
     endpoints: list[str]
+    #: Extension: US dollars per million `input` and `output` tokens, if declared.
+    prices: dict[str, float] | None
 
 
 class ModelList(BaseModel):

@@ -53,6 +53,9 @@ class ChunkOutput:
     output_tokens: int = 0
     #: Where each answered line starts in the input (or its index, without offsets).
     offsets: list[int] = field(default_factory=list)
+    #: (extension) The tokens above by model, `model -> (input, output)`: each model's
+    #: deployment has its own prices.
+    by_model: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def add(self, custom_id: str, reply: Reply, model: Any = None, offset: int = -1) -> None:
         self.add_all([custom_id], [reply], model, [offset])
@@ -61,8 +64,9 @@ class ChunkOutput:
         """What came in so far; this output starts empty again."""
         taken = ChunkOutput(render=self.render, out=self.out, err=self.err, n_ok=self.n_ok,
                             n_err=self.n_err, input_tokens=self.input_tokens,
-                            output_tokens=self.output_tokens, offsets=self.offsets)
-        self.out, self.err, self.offsets = bytearray(), bytearray(), []
+                            output_tokens=self.output_tokens, offsets=self.offsets,
+                            by_model=self.by_model)
+        self.out, self.err, self.offsets, self.by_model = bytearray(), bytearray(), [], {}
         self.n_ok = self.n_err = self.input_tokens = self.output_tokens = 0
         return taken
 
@@ -92,6 +96,9 @@ class ChunkOutput:
         self.n_err += n_err
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
+        if input_tokens or output_tokens:
+            before = self.by_model.get(str(model), (0, 0))
+            self.by_model[str(model)] = (before[0] + input_tokens, before[1] + output_tokens)
 
 
 def _int(value: Any) -> int:

@@ -31,6 +31,7 @@ from batchery.model import ids
 from batchery.model.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS, Batch, BatchStatus
 from batchery.model.exceptions import InvalidRequest, NotFound
 from batchery.model.files import INTERNAL_PURPOSE_PREFIX, FileRecord, Purpose
+from batchery.model.priority import DEFAULT_PRIORITY, parse_priority
 from batchery.ports.backend import CHAT_ENDPOINT
 from batchery.ports.filestore import FileStore
 from batchery.ports.store import BatchApiStore, Page
@@ -329,6 +330,7 @@ def parse_custom_id(value: str) -> tuple[int, str | None]:
 
 _STATES = {BatchStatus.VALIDATING: "BATCH_STATE_PENDING",
            BatchStatus.IN_PROGRESS: "BATCH_STATE_RUNNING",
+           BatchStatus.PAUSED: "BATCH_STATE_RUNNING",
            BatchStatus.FINALIZING: "BATCH_STATE_RUNNING",
            BatchStatus.CANCELLING: "BATCH_STATE_RUNNING",
            BatchStatus.COMPLETED: "BATCH_STATE_SUCCEEDED",
@@ -423,7 +425,9 @@ def operation(batch: Batch, output: dict[str, Any] | None) -> dict[str, Any]:
         "@type": f"{_API}.{kind}", "name": name, "model": info.model,
         "displayName": info.display_name or "",
         "createTime": rfc3339(batch.created_at), "updateTime": rfc3339(_updated(batch)),
-        "batchStats": batch_stats(batch, info.requests), "state": state(batch)}
+        "batchStats": batch_stats(batch, info.requests), "state": state(batch),
+        # An int64, which protobuf's JSON writes as a string.
+        "priority": str(batch.priority)}
     if info.source_file is not None:
         metadata["inputConfig"] = {"fileName": info.source_file}
     ended = _ended(batch)
@@ -541,6 +545,7 @@ class GeminiBatchService:
         display = field(spec, "displayName")
         if display is not None and not isinstance(display, str):
             raise _bad("batch.display_name", "a string")
+        rank = parse_priority(field(spec, "priority"), "batch.priority", digits=True)
         config = _object(field(spec, "inputConfig"), "batch.input_config")
         file_name, inline = field(config, "fileName"), config.get("requests")
         if (file_name is None) == (inline is None):
@@ -554,7 +559,7 @@ class GeminiBatchService:
                     source_file=file_name, requests=len(requests),
                     request_metadata={i: r.metadata for i, r in enumerate(requests)
                                       if r.metadata is not None})
-        return self._insert(project, requests, info, endpoint)
+        return self._insert(project, requests, info, endpoint, priority=rank)
 
     def _check_count(self, count: int, where: str) -> None:
         if count == 0:
@@ -601,7 +606,7 @@ class GeminiBatchService:
         return requests
 
     def _insert(self, project: str, requests: list[_Request], info: Info,
-                endpoint: str) -> Batch:
+                endpoint: str, *, priority: int = DEFAULT_PRIORITY) -> Batch:
         now = int(self.clock())
         file_id = ids.file_id()
         key = f"files/{file_id}"
@@ -619,7 +624,7 @@ class GeminiBatchService:
                       status=BatchStatus.VALIDATING, created_at=now,
                       expires_at=now + self.window_s, total=len(requests),
                       chunk_size=self.chunk_size, max_tasks=self.max_requests,
-                      metadata=info.to_metadata())
+                      metadata=info.to_metadata(), priority=priority)
         self.store.insert_batch(batch)
         return batch
 

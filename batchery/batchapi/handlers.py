@@ -20,6 +20,7 @@ import orjson
 
 from batchery import backends
 from batchery.batchapi import execution, phases, remote
+from batchery.model import spend
 from batchery.model.batches import BatchError, BatchStatus, canonical_endpoint
 from batchery.model.chunks import ChunkLease, ChunkPart, ChunkSpec
 from batchery.model.deployments import Deployment
@@ -86,6 +87,16 @@ class Deployments:
         self._backends[model] = backend
         log.info("loaded deployment %s (backend %s)", model, deployment.backend)
         return backend
+
+    def cost(self, by_model: dict[str, tuple[int, int]], project: str | None) -> float:
+        """(extension) What `model -> (input, output)` tokens cost at the prices of the
+        deployments that answered them (the ones loaded for them, with these prices)."""
+        total = 0.0
+        for model, (tokens_in, tokens_out) in by_model.items():
+            deployment = self._usable.get(model) or self.find(model, project)
+            total += spend.cost(deployment.prices if deployment else None, tokens_in,
+                                tokens_out)
+        return total
 
     async def close(self) -> None:
         for backend in self._backends.values():
@@ -281,6 +292,7 @@ class ChunkRunner:
                          output: execution.ChunkOutput, commits: _Commits) -> None:
         batch = self.store.get_batch(None, lease.batch_id)
         project = batch.project if batch is not None else None
+        commits.project = project
 
         async def backend_for(model: str) -> ModelBackend | None:
             return await self.deployments.backend(model, project)
@@ -357,6 +369,8 @@ class _Commits:
     def __init__(self, runner: ChunkRunner, lease: ChunkLease) -> None:
         self.runner, self.lease = runner, lease
         self.seq = 0
+        #: The batch's project, once known: whose deployments' prices apply.
+        self.project: str | None = None
 
     def write(self, output: execution.ChunkOutput) -> ChunkPart | None:
         if not output.offsets:
@@ -368,9 +382,12 @@ class _Commits:
                                              ".out"), output.out)
         err_key = write_part(files, part_key(prefix, lease.spec.index, lease.token, self.seq,
                                              ".err"), output.err)
+        cost = self.runner.deployments.cost(output.by_model, self.project) \
+            if output.by_model else 0.0
         return ChunkPart(n_ok=output.n_ok, n_err=output.n_err, out_key=out_key,
                          err_key=err_key, offsets=tuple(output.offsets),
-                         input_tokens=output.input_tokens, output_tokens=output.output_tokens)
+                         input_tokens=output.input_tokens, output_tokens=output.output_tokens,
+                         cost=cost)
 
     def commit(self, output: execution.ChunkOutput) -> bool:
         """Commit what finished; False if the lease is lost (the part is then deleted)."""

@@ -14,10 +14,14 @@ from typing import IO, Any
 
 import orjson
 
-from batchery.model import ids
+from batchery.batchapi import outlook
+from batchery.model import idempotency as idem
+from batchery.model import ids, spend
 from batchery.model.batches import DEFAULT_CHUNK_SIZE, Batch, BatchStatus
 from batchery.model.exceptions import Conflict, InvalidRequest, NotFound
 from batchery.model.files import FileRecord, Purpose
+from batchery.model.idempotency import Idempotency, IdempotencyKey
+from batchery.model.priority import parse_priority
 from batchery.ports.filestore import FileStore
 from batchery.ports.store import BatchApiStore, Page
 from batchery.wire.anthropic import CUSTOM_ID, MESSAGES_ENDPOINT
@@ -44,11 +48,19 @@ class MessageBatchService:
         self.max_requests = max_requests
         self.window_s = window_s
         self.clock = clock
+        self._pruner = idem.Pruner()
 
-    def create(self, project: str, requests: Any, *, webhook_url: str | None = None) -> Batch:
+    def create(self, project: str, requests: Any, *, webhook_url: str | None = None,
+               max_cost: Any = None, max_total_tokens: Any = None,
+               idempotency: Idempotency | None = None, priority: Any = None) -> Batch:
         """A new message batch. `webhook_url`, checked by the caller against the operator's
-        allow-list, receives its `message_batch.ended` event."""
+        allow-list, receives its `message_batch.ended` event. Extensions: spend ceilings,
+        and a key that makes a replayed create return the batch it made."""
+        if idempotency is not None and (found := self._replay(project, idempotency)):
+            return found
         _check_requests(requests, self.max_requests)
+        limits = spend.ceilings(max_cost, max_total_tokens)
+        rank = parse_priority(priority)
         now = int(self.clock())
         file_id = ids.file_id()
         key = f"files/{file_id}"
@@ -62,8 +74,32 @@ class MessageBatchService:
                       input_file_id=file_id, completion_window="24h",
                       status=BatchStatus.VALIDATING, created_at=now, expires_at=now + self.window_s,
                       total=len(requests), chunk_size=self.chunk_size,
-                      max_tasks=self.max_requests, webhook_url=webhook_url)
-        self.store.insert_batch(batch)
+                      max_tasks=self.max_requests, webhook_url=webhook_url,
+                      max_cost=limits.max_cost, max_total_tokens=limits.max_total_tokens,
+                      priority=rank, warnings=outlook.warnings(
+                          self.store, priority=rank, window_s=self.window_s, now=self.clock()))
+        asked = idempotency
+        held = self.store.insert_batch(batch, asked.record(
+            project, idem.MESSAGE_BATCH, batch.id, self.clock()) if asked else None)
+        if held is not None and asked is not None:
+            # A concurrent create with this key won: its batch stands, our file goes.
+            if self.store.delete_file(project, file_id) is not None:
+                self.files.delete(key)
+            return self._replayed(held, asked)
+        if asked is not None and self._pruner.due(self.clock()):
+            self.store.prune_keys(self.clock() - idem.KEY_TTL_S)
+        return batch
+
+    def _replay(self, project: str, asked: Idempotency) -> Batch | None:
+        found = self.store.find_key(project, idem.MESSAGE_BATCH, asked.key,
+                                    newer_than=self.clock() - idem.KEY_TTL_S)
+        return None if found is None else self._replayed(found, asked)
+
+    def _replayed(self, found: IdempotencyKey, asked: Idempotency) -> Batch:
+        batch_id = idem.replayed(found, asked, "message batch")
+        batch = self.store.get_batch(found.project, batch_id)
+        if batch is None:
+            raise idem.gone(found, "message batch")
         return batch
 
     def get(self, project: str, batch_id: str) -> Batch:
@@ -85,6 +121,23 @@ class MessageBatchService:
             raise Conflict(f"Message batch '{batch_id}' has ended and can no longer be "
                            "canceled.")
         return self.store.request_cancel(project, batch_id, int(self.clock()))
+
+    def pause(self, project: str, batch_id: str) -> Batch:
+        """(extension) No new request of the batch starts until it is resumed; it stays
+        `in_progress`, with `paused_at` set."""
+        self._not_ended(self.get(project, batch_id), "paused")
+        return self.store.pause_batch(project, batch_id, int(self.clock()))
+
+    def resume(self, project: str, batch_id: str) -> Batch:
+        """(extension) The batch's requests start again."""
+        self._not_ended(self.get(project, batch_id), "resumed")
+        return self.store.resume_batch(project, batch_id, int(self.clock()))
+
+    @staticmethod
+    def _not_ended(batch: Batch, action: str) -> None:
+        if batch.status.is_terminal:
+            raise Conflict(f"Message batch '{batch.id}' has ended and can no longer be "
+                           f"{action}.")
 
     def delete(self, project: str, batch_id: str) -> None:
         batch = self.get(project, batch_id)

@@ -14,13 +14,13 @@ import orjson
 
 from batchery.batchapi import validation
 from batchery.batchapi.execution import lines_at
-from batchery.model import ids
+from batchery.model import ids, spend
 from batchery.model.batches import Batch, BatchError, BatchStatus, EndReason, canonical_endpoint
-from batchery.model.chunks import Chunk, ChunkSpec, ChunkState
+from batchery.model.chunks import Chunk, ChunkPart, ChunkSpec, ChunkState
 from batchery.model.deployments import Deployment
 from batchery.model.files import FileRecord, Purpose
 from batchery.ports.filestore import FileStore
-from batchery.ports.store import PhaseLease, PhaseStore
+from batchery.ports.store import PhaseLease, PhaseStore, count_live
 from batchery.queue.lease import LeaseLost
 from batchery.wire import anthropic
 from batchery.wire.openai_lines import error_line
@@ -102,7 +102,9 @@ def validate(store: PhaseStore, files: FileStore, lease: PhaseLease, lost: Calla
         return
     chunks = report.chunks if remote is not None else spread(
         files, key, report.chunks, batch.chunk_size, live_workers(store))
-    store.start_batch(lease, total=report.total, model=model, input_key=key,
+    # A retry's counts cover the lines it carries over from the batch it retries as well.
+    total = batch.total if batch.retry_of else report.total
+    store.start_batch(lease, total=total, model=model, input_key=key,
                       chunks=chunks, now=now, remote=remote)
 
 
@@ -110,14 +112,8 @@ def validate(store: PhaseStore, files: FileStore, lease: PhaseLease, lost: Calla
 CHUNKS_PER_WORKER = 4
 #: Small batches are cut again finer only while their input is at most this big.
 _RECUT_MAX_BYTES = 64 << 20
-#: A worker that reported within this many seconds counts as live.
-_LIVE_S = 30.0
-
-
 def live_workers(store: PhaseStore) -> int:
-    now = time.time()
-    return sum(1 for w in store.list_workers()
-               if w.state != "stopped" and now - w.last_heartbeat < _LIVE_S)
+    return count_live(store.list_workers(), time.time())
 
 
 def spread(files: FileStore, key: str, chunks: list[ChunkSpec], chunk_size: int,
@@ -167,6 +163,8 @@ def _remote_plan(batch: Batch, models: set[str], deployments: dict[str, Deployme
     return new_remote_state(name, deployments[name].backend)
 
 
+#: (extension) The error code of the requests a spend ceiling stopped.
+BUDGET_EXCEEDED = "budget_exceeded"
 _UNRUN = {
     EndReason.CANCELLED: ("batch_cancelled", "This request was not executed because the "
                                              "batch was cancelled."),
@@ -185,7 +183,7 @@ def finalize(store: PhaseStore, files: FileStore, lease: PhaseLease,
         store.abort_open_chunks(batch.id)
     batch = store.get_batch(None, batch.id) or batch
     chunks = [c for c in store.list_chunks(batch.id) if c.state is not ChunkState.SPLIT]
-    parts = store.list_parts(batch.id)
+    parts = _parts_in_file_order(store, batch)
     if not chunks and batch.input_key is None and batch.endpoint == anthropic.MESSAGES_ENDPOINT:
         # Ended before validation cut it: every request (we wrote the file, so it is valid
         # JSONL) is reported as canceled or expired.
@@ -193,8 +191,9 @@ def finalize(store: PhaseStore, files: FileStore, lease: PhaseLease,
     done = {o for part in parts for o in part.offsets}
     unrun = _Unrun(files, batch, chunks, done, reason)
     now = int(time.time())
-    outs = _keys(chunks, "out_key") + [p.out_key for p in parts if p.out_key]
-    errs = _keys(chunks, "err_key") + [p.err_key for p in parts if p.err_key]
+    carried_outs, carried_errs = carried_keys(files, batch)
+    outs = carried_outs + _keys(chunks, "out_key") + [p.out_key for p in parts if p.out_key]
+    errs = carried_errs + _keys(chunks, "err_key") + [p.err_key for p in parts if p.err_key]
     if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
         # Anthropic batches have one results file holding every outcome.
         def write_results(out: IO[bytes]) -> None:
@@ -226,6 +225,55 @@ def finalize(store: PhaseStore, files: FileStore, lease: PhaseLease,
     _drop_orphaned_input(store, files, batch)
 
 
+def _parts_in_file_order(store: PhaseStore, batch: Batch) -> list[ChunkPart]:
+    """(extension) The parts in the order the result files list them: in commit order for
+    batches whose results can be read while they run (`GET /v1/batches/{id}/results`),
+    so that a reader who started then carries on in the files where it stopped; in input
+    order for the others (Gemini reads its answers back in request order)."""
+    if batch.id.startswith(RUNNING_RESULTS_PREFIX) \
+            and batch.endpoint != anthropic.MESSAGES_ENDPOINT:
+        return [part for _, part in store.list_parts_after(batch.id, 0)]
+    return store.list_parts(batch.id)
+
+
+#: (extension) The ids of the batches whose results can be read while they run: OpenAI's.
+RUNNING_RESULTS_PREFIX = "batch_"
+
+
+def carried_key(batch_id: str, kind: str) -> str:
+    """(extension) Where a retry keeps the result lines it carries over from the batch it
+    retries (`kind`: `out`, or `err`), written when it is created, until it ends."""
+    return f"{parts_prefix(batch_id)}/carried.{kind}"
+
+
+def carried_keys(files: FileStore, batch: Batch) -> tuple[list[str], list[str]]:
+    """(extension) The carried-over output and error lines of a retry, which come first in
+    its result files: those of the batch it retries that it does not run again."""
+    if batch.retry_of is None:
+        return [], []
+    found = [[key] if _blob_exists(files, key := carried_key(batch.id, kind)) else []
+             for kind in ("out", "err")]
+    return found[0], found[1]
+
+
+def _carried_counts(files: FileStore, batch: Batch, keys: list[str]) -> tuple[int, int]:
+    """How many of a retry's carried-over lines succeeded, and how many failed."""
+    ok = failed = 0
+    for key in keys:
+        with files.open_read(key) as stream:
+            for raw in stream:
+                if raw.strip():
+                    good = _succeeded(batch, orjson.loads(raw), key.endswith(".out"))
+                    ok, failed = ok + good, failed + (not good)
+    return ok, failed
+
+
+def _succeeded(batch: Batch, line: dict[str, Any], in_output: bool) -> bool:
+    if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
+        return bool(line.get("result", {}).get("type") == "succeeded")
+    return in_output
+
+
 def _whole_input(store: PhaseStore, files: FileStore, batch: Batch) -> tuple[Batch, list[Chunk]]:
     record = store.get_file(None, batch.input_file_id)
     if record is None:
@@ -242,6 +290,11 @@ def finish_from_parts(store: PhaseStore, files: FileStore, lease: PhaseLease,
     """End a batch whose result lines already sit in part files (a remote batch's)."""
     batch = lease.batch
     now = int(time.time())
+    # A retry handed to a provider: the provider's counts are of the lines it reran.
+    carried_outs, carried_errs = carried_keys(files, batch)
+    out_keys, err_keys = carried_outs + out_keys, carried_errs + err_keys
+    carried_ok, carried_failed = _carried_counts(files, batch, carried_outs + carried_errs)
+    completed, failed = completed + carried_ok, failed + carried_failed
 
     def copy(keys: list[str]) -> Callable[[IO[bytes]], None]:
         def write(out: IO[bytes]) -> None:
@@ -330,6 +383,8 @@ def _unrun_renderer(batch: Batch, chunk: Chunk, reason: EndReason) -> Callable[[
     """How to report the requests of a chunk that never ran to the end."""
     failed = chunk.state is ChunkState.FAILED
     detail = f"This request could not be executed: {_last_line(chunk.last_error)}"
+    if reason is EndReason.BUDGET_EXCEEDED and not failed:
+        return _over_budget_renderer(batch)
     if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
         kind = "errored" if failed else ("expired" if reason is EndReason.EXPIRED
                                          else "canceled")
@@ -337,6 +392,17 @@ def _unrun_renderer(batch: Batch, chunk: Chunk, reason: EndReason) -> Callable[[
     code, message = ("server_error", detail) if failed else \
         _UNRUN.get(reason, _UNRUN[EndReason.CANCELLED])
     return lambda custom_id: error_line(custom_id, code, message)
+
+
+def _over_budget_renderer(batch: Batch) -> Callable[[str], bytes]:
+    """(extension) The requests a spend ceiling stopped: error code `budget_exceeded`, or
+    on a message batch an `errored` result (Anthropic's shapes have no such outcome) whose
+    message starts with that code."""
+    message = spend.ceiling_message(batch.max_cost, batch.max_total_tokens)
+    if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
+        return lambda custom_id: anthropic.unrun_line(custom_id, "errored",
+                                                      f"{BUDGET_EXCEEDED}: {message}")
+    return lambda custom_id: error_line(custom_id, BUDGET_EXCEEDED, message)
 
 
 def _last_line(text: str | None) -> str:

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from batchery import backends
+from batchery.batchapi import estimate, outlook
 from batchery.batchapi.gemini import GEMINI_ID_PREFIX
-from batchery.model import ids
+from batchery.model import idempotency as idem
+from batchery.model import ids, spend
 from batchery.model.batches import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_TASKS,
@@ -29,6 +31,8 @@ from batchery.model.files import (
     UPLOAD_PURPOSES,
     FileRecord,
 )
+from batchery.model.idempotency import Idempotency, IdempotencyKey
+from batchery.model.priority import parse_priority
 from batchery.ports.filestore import FileStore
 from batchery.ports.store import BatchApiStore, Page
 from batchery.wire.anthropic import MESSAGES_ENDPOINT
@@ -51,6 +55,7 @@ class BatchService:
         self.chunk_size = chunk_size
         self.max_tasks = max_tasks
         self.clock = clock
+        self._pruner = idem.Pruner()
 
     def _now(self) -> int:
         return int(self.clock())
@@ -125,9 +130,15 @@ class BatchService:
 
     def create_batch(self, project: str, *, input_file_id: str, endpoint: str,
                      completion_window: str = "24h", metadata: dict[str, Any] | None = None,
-                     output_expires_after: Any = None, webhook_url: str | None = None) -> Batch:
+                     output_expires_after: Any = None, webhook_url: str | None = None,
+                     max_cost: Any = None, max_total_tokens: Any = None,
+                     idempotency: Idempotency | None = None, priority: Any = None) -> Batch:
         """A new batch. `webhook_url`, checked by the caller against the operator's
-        allow-list, receives the batch's end event besides the project's endpoints."""
+        allow-list, receives the batch's end event besides the project's endpoints.
+        Extensions: spend ceilings, and a key that makes a replayed create return the batch
+        it made."""
+        if idempotency is not None and (found := self._replay(project, idempotency)):
+            return found
         if canonical_endpoint(endpoint) not in SUPPORTED_ENDPOINTS:  # or without /v1
             raise InvalidRequest(f"Invalid value: '{endpoint}'. Supported values are: "
                                  f"{_quoted_list(SUPPORTED_ENDPOINTS)}.",
@@ -142,6 +153,8 @@ class BatchService:
         # Checked as the hosted API does; the output files' expiry is not applied yet.
         _check_output_expiry(output_expires_after)
         record = self._check_input_file(project, input_file_id)
+        limits = spend.ceilings(max_cost, max_total_tokens)
+        rank = parse_priority(priority)
         now = self._now()
         # The blob is pinned from here on: a client that deletes the input file right after
         # creating the batch (cleaning up) does not take it away from the batch.
@@ -150,8 +163,36 @@ class BatchService:
                       status=BatchStatus.VALIDATING, created_at=now, expires_at=now + window,
                       metadata=metadata, chunk_size=self.chunk_size, max_tasks=self.max_tasks,
                       webhook_url=webhook_url,
-                      input_key=record.storage_key if record is not None else None)
-        self.store.insert_batch(batch)
+                      input_key=record.storage_key if record is not None else None,
+                      max_cost=limits.max_cost, max_total_tokens=limits.max_total_tokens,
+                      priority=rank, warnings=outlook.warnings(
+                          self.store, priority=rank, window_s=window, now=self.clock()))
+        return self._insert(batch, idempotency)
+
+    def _replay(self, project: str, asked: Idempotency) -> Batch | None:
+        """The batch an earlier create with this key made, if any (Conflict when its
+        parameters differ)."""
+        found = self.store.find_key(project, idem.BATCH, asked.key,
+                                    newer_than=self.clock() - idem.KEY_TTL_S)
+        return None if found is None else self._replayed(found, asked)
+
+    def _replayed(self, found: IdempotencyKey, asked: Idempotency) -> Batch:
+        batch_id = idem.replayed(found, asked, "batch")
+        batch = self.store.get_batch(found.project, batch_id)
+        if batch is None:
+            raise idem.gone(found, "batch")
+        return batch
+
+    def _insert(self, batch: Batch, asked: Idempotency | None) -> Batch:
+        """Insert the batch; with a key, the same transaction takes the key, and a
+        concurrent create that took it first wins: its batch is returned."""
+        now = self.clock()
+        key = asked.record(batch.project, idem.BATCH, batch.id, now) if asked else None
+        held = self.store.insert_batch(batch, key)
+        if held is not None and asked is not None:
+            return self._replayed(held, asked)
+        if key is not None and self._pruner.due(now):
+            self.store.prune_keys(now - idem.KEY_TTL_S)
         return batch
 
     def _check_input_file(self, project: str, file_id: str) -> FileRecord | None:
@@ -186,6 +227,32 @@ class BatchService:
     def cancel_batch(self, project: str, batch_id: str) -> Batch:
         self.get_batch(project, batch_id)
         return self.store.request_cancel(project, batch_id, self._now())
+
+    def pause_batch(self, project: str, batch_id: str) -> Batch:
+        """(extension) No new chunk of the batch is claimed until it is resumed."""
+        self.get_batch(project, batch_id)
+        return self.store.pause_batch(project, batch_id, self._now())
+
+    def resume_batch(self, project: str, batch_id: str) -> Batch:
+        """(extension) The batch's chunks are claimed again."""
+        self.get_batch(project, batch_id)
+        return self.store.resume_batch(project, batch_id, self._now())
+
+    def cost_estimate(self, project: str, file_id: str,
+                      model: str | None = None) -> estimate.Estimate:
+        """(extension) The input tokens and cost of a batch input file, estimated before a
+        batch is made (`estimate` says how), at `model`'s prices or each line's model's."""
+        if model is not None and not model:
+            raise InvalidRequest("Invalid value for 'model': expected the name of a model, "
+                                 "or no 'model' to price each line at its own model.",
+                                 param="model", code="invalid_value")
+        record = self.get_file(project, file_id)
+        prices = {d.name: d.prices for d in self.list_models(project)}
+        if model is not None and model not in prices:
+            raise NotFound(f"The model '{model}' does not exist or you do not have access to "
+                           f"it.", param="model")
+        with self.files.open_read(record.storage_key) as stream:
+            return estimate.estimate(file_id, stream, prices, model)
 
     def list_models(self, project: str) -> list[Deployment]:
         """The deployments, and endpoints' names, that `project`'s batches may use."""

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from batchery import __version__
-from batchery.cli import client, jobs, keys, offline, server, webhooks
+from batchery.cli import client, jobs, keys, offline, reruns, server, webhooks
 
 app = typer.Typer(help="Batchery: self-hosted batch inference.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -19,6 +19,7 @@ app.add_typer(keys.keys_app, name="keys")
 app.add_typer(jobs.jobs_app, name="jobs")
 app.add_typer(webhooks.webhooks_app, name="webhooks")
 app.command()(jobs.logs)
+reruns.register()
 
 
 def _print_version(value: bool) -> None:

@@ -61,6 +61,12 @@ def _print_json(data: Any) -> None:
     console.print_json(json.dumps(data))
 
 
+def print_warnings(out: Console, found: dict[str, Any]) -> None:
+    """A batch's or job's `warnings` (extension), a line each, on `out`."""
+    for warning in found.get("warnings") or []:
+        out.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+
+
 @files_app.command("upload")
 def upload(path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
            purpose: str = "batch", base_url: BaseUrl = DEFAULT_URL,
@@ -108,6 +114,17 @@ def download(file_id: str, output: Annotated[Path, typer.Option("-o", "--output"
     errors.print(f"wrote {output}")
 
 
+@files_app.command("cost-estimate")
+def cost_estimate(file_id: str, model: Annotated[str | None, typer.Option(
+                      help="Price every line at this model (default: each line's own).")
+                  ] = None,
+                  base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
+    """Extension: estimate a batch input file's input tokens and cost before a batch."""
+    params = {"model": model} if model is not None else None
+    _print_json(request(base_url, api_key, "GET", f"files/{file_id}/cost_estimate",
+                        params=params))
+
+
 @files_app.command("delete")
 def delete(file_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
     """Delete a file."""
@@ -119,13 +136,29 @@ def create(input_file_id: Annotated[str, typer.Option("--input-file-id", "-i")],
            endpoint: str = "/v1/chat/completions", completion_window: str = "24h",
            metadata: Annotated[list[str] | None, typer.Option(
                "--metadata", "-m", help="key=value, may repeat")] = None,
+           priority: Annotated[int | None, typer.Option(
+               help="Extension: higher runs first (-1000 to 1000; default 0).")] = None,
+           idempotency_key: Annotated[str | None, typer.Option(
+               help="Extension: run the command again with the same key and parameters to "
+                    "get the same batch, not a second one (kept 24 h).")] = None,
+           max_cost: Annotated[float | None, typer.Option(
+               help="Extension: stop the batch once its lines cost this many US dollars.")
+           ] = None,
+           max_total_tokens: Annotated[int | None, typer.Option(
+               help="Extension: stop the batch once its lines used this many tokens.")] = None,
            base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
     """Create a batch from an uploaded file."""
     body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": endpoint,
                             "completion_window": completion_window}
     if metadata:
         body["metadata"] = dict(item.split("=", 1) for item in metadata)
-    _print_json(request(base_url, api_key, "POST", "batches", json=body))
+    if priority is not None:
+        body["priority"] = priority
+    for name, value in (("max_cost", max_cost), ("max_total_tokens", max_total_tokens)):
+        if value is not None:
+            body[name] = value
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    _print_json(request(base_url, api_key, "POST", "batches", json=body, headers=headers))
 
 
 @batches_app.command("list")
@@ -156,14 +189,32 @@ def cancel(batch_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "ba
     _print_json(request(base_url, api_key, "POST", f"batches/{batch_id}/cancel"))
 
 
+@batches_app.command("pause")
+def pause(batch_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
+    """Pause a batch (extension): no new chunk starts until it is resumed; chunks running
+    finish. Its completion window keeps running."""
+    _print_json(request(base_url, api_key, "POST", f"batches/{batch_id}/pause"))
+
+
+@batches_app.command("resume")
+def resume(batch_id: str, base_url: BaseUrl = DEFAULT_URL,
+           api_key: ApiKey = "batchery") -> None:
+    """Resume a paused batch (extension)."""
+    _print_json(request(base_url, api_key, "POST", f"batches/{batch_id}/resume"))
+
+
 @batches_app.command("wait")
 def wait(batch_id: str, interval: float = 1.0, timeout: float | None = None,
          base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
     """Follow a batch with a progress bar until it ends. Exit code 0 only if completed."""
     deadline = time.monotonic() + timeout if timeout else None
+    warned = False
     with BatchProgress(console=errors) as progress:
         while True:
             batch = request(base_url, api_key, "GET", f"batches/{batch_id}")
+            if not warned:
+                warned = True
+                print_warnings(errors, batch)
             counts = batch["request_counts"]
             progress.update(batch["status"], counts["total"], counts["completed"],
                             counts["failed"])

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
-import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from batchery.cli.client import print_warnings
 from batchery.client import APIError, Client
 
 jobs_app = typer.Typer(help="Submit, inspect, stop and collect jobs of your own predictors.",
@@ -94,6 +93,8 @@ def submit(
     error_threshold: Annotated[int | None, typer.Option(min=-1)] = None,
     output: Annotated[str | None, typer.Option(help="append_row or summary_only.")] = None,
     output_path: str | None = None,
+    priority: Annotated[int | None, typer.Option(
+        help="Extension: higher runs first (-1000 to 1000; default 0).")] = None,
     body: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, help="A whole submission as a JSON file; the other "
                                           "options override its keys.")] = None,
@@ -111,7 +112,7 @@ def submit(
     options = {"deployment": deployment, "workers": workers,
                "config": _json_option(config, "--config"), "timeout": timeout,
                "max_retries": max_retries, "error_threshold": error_threshold,
-               "output": output, "output_path": output_path}
+               "output": output, "output_path": output_path, "priority": priority}
     submission.update({k: v for k, v in options.items() if v is not None})
     if dry_run:
         submission["dry_run"] = True
@@ -123,12 +124,33 @@ def submit(
             typer.echo(f"{job['total_items']} items in {job['total_batch_count']} batches")
             return
         typer.echo(job["id"])
+        print_warnings(errors, job)
         if wait:
-            done = client.wait(job["id"], progress=True)
-            errors.print(f"job {done['id']}: {done['status']}"
-                         + (f" ({done['error']})" if done.get("error") else ""))
-            if done["status"] != "succeeded":
-                raise typer.Exit(1)
+            _wait(client, job["id"])
+
+
+def _wait(client: Client, job_id: str, timeout: float | None = None) -> None:
+    """Follow the job with a progress bar until it ends; exit 1 unless it succeeded."""
+    try:
+        done = client.wait(job_id, progress=True, timeout=timeout)
+    except TimeoutError as exc:
+        errors.print(f"[yellow]{escape(str(exc))}[/yellow]")
+        raise typer.Exit(3) from None
+    errors.print(f"job {done['id']}: {done['status']}"
+                 + (f" ({done['error']})" if done.get("error") else ""))
+    if done["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("wait")
+def wait_job(job_id: str, timeout: Annotated[float | None, typer.Option(
+                 help="Give up (exit 3) after this many seconds.")] = None,
+             server: ServerUrl = DEFAULT_SERVER, api_key: ApiKey = None) -> None:
+    """Follow a job with a progress bar until it ends (its warnings first). Exit code 0
+    only if it succeeded."""
+    with _client(server, api_key) as client:
+        print_warnings(errors, client.get_job(job_id))
+        _wait(client, job_id, timeout)
 
 
 @jobs_app.command("get")
@@ -166,16 +188,22 @@ def stop(job_id: str, server: ServerUrl = DEFAULT_SERVER, api_key: ApiKey = None
         typer.echo(f"{job_id}: {client.stop(job_id)['status']}")
 
 
-@jobs_app.command("results")
-def results(job_id: str,
-            output: Annotated[Path | None, typer.Option("-o", "--output",
-                                                        help="Write to a file.")] = None,
-            server: ServerUrl = DEFAULT_SERVER, api_key: ApiKey = None) -> None:
-    """The job's results, one JSON line per item."""
-    with _client(server, api_key) as client, \
-            (output.open("wb") if output else contextlib.nullcontext(sys.stdout.buffer)) as out:
-        for row in client.results(job_id):
-            out.write(orjson.dumps(row) + b"\n")
+@jobs_app.command("pause")
+def pause(job_id: str, server: ServerUrl = DEFAULT_SERVER, api_key: ApiKey = None) -> None:
+    """Pause a job (extension): batches in flight finish, no new batch starts until it is
+    resumed. Its timeout keeps running."""
+    with _client(server, api_key) as client:
+        typer.echo(f"{job_id}: {client.pause_job(job_id)['status']}")
+
+
+@jobs_app.command("resume")
+def resume(job_id: str, server: ServerUrl = DEFAULT_SERVER, api_key: ApiKey = None) -> None:
+    """Resume a paused job (extension)."""
+    with _client(server, api_key) as client:
+        typer.echo(f"{job_id}: {client.resume_job(job_id)['status']}")
+
+
+# `batchery jobs results` and `retry`: in `reruns` (extension: results while a job runs).
 
 
 @jobs_app.command("workers")

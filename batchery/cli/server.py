@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -23,7 +24,8 @@ from batchery.model.deployments import API, WorkerPoolSpec
 from batchery.model.exceptions import ConfigError
 from batchery.model.leases import DEFAULT_LEASE_S
 from batchery.ports.store import Store
-from batchery.queue.pool import PoolPlan, Supervisor
+from batchery.queue.pool import Executor, PoolPlan, Supervisor
+from batchery.queue.worker import WorkerConfig
 from batchery.runtime import open_runtime
 from batchery.security.auth import KeyRing
 from batchery.security.trust import TrustPolicy
@@ -77,6 +79,10 @@ def serve(
         "--insecure", help="Allow listening beyond loopback without a keys file "
                            "(anyone who reaches the port may do anything).")] = False,
     log_level: Annotated[str, typer.Option(envvar="BATCHERY_LOG_LEVEL")] = "info",
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", envvar="BATCHERY_RAY_ADDRESS",
+        help="Run every worker pool as actors on the Ray cluster at this address "
+             "(host:port, or `auto`); needs the `ray` extra.")] = None,
 ) -> None:
     """Run the HTTP API and a pool of worker processes."""
     import uvicorn
@@ -103,13 +109,19 @@ def serve(
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
+    executor = None
+    if ray_address:
+        from batchery.cli import ray_pools
+
+        executor = ray_pools.executor(ray_address, settings, log_level, runtime)
     # Jobs run on each deployment's own pool; `--workers 0` means the API alone.
     pools = supervisor(settings, runtime.store, log_level, batch_workers=size,
-                       policy=runtime.policy)
+                       policy=runtime.policy, executor=executor)
     app = create_app(runtime, keys, on_shutdown=pools.stop)
     pools.start()
     names = ", ".join(d.name for d in runtime.store.list_deployments() if not d.endpoint)
-    console.print(f"Batchery on http://{host}:{port}/v1 with {size} worker(s); "
+    where = f" on Ray at {ray_address}" if ray_address else ""
+    console.print(f"Batchery on http://{host}:{port}/v1 with {size} worker(s){where}; "
                   f"deployments: {names}; database: {redacted(settings.db_url)}; "
                   f"files: {redacted(settings.file_store_url)}", highlight=False)
     try:
@@ -117,6 +129,8 @@ def serve(
                     timeout_graceful_shutdown=5)
     finally:
         pools.stop()
+        if executor is not None:
+            executor.close()
         runtime.close()
 
 
@@ -144,13 +158,20 @@ def _is_loopback(host: str) -> bool:
 def _spawn_worker(settings: Settings, log_level: str, *extra: str) -> subprocess.Popen[bytes]:
     # The worker asks the kernel to SIGTERM it if this process dies, even by SIGKILL.
     env = {**os.environ, POOL_PARENT_ENV: str(os.getpid())}
-    cmd = [sys.executable, "-m", "batchery", "worker", "--data-dir", str(settings.data_dir),
-           "--lease-seconds", str(settings.lease_s), "--log-level", log_level, *extra]
-    if settings.database_url:
-        cmd += ["--database-url", settings.database_url]
-    if settings.files_url:
-        cmd += ["--files-url", settings.files_url]
+    cmd = [sys.executable, "-m", "batchery", "worker", *worker_args(settings, log_level),
+           *extra]
     return subprocess.Popen(cmd, env=env)
+
+
+def worker_args(settings: Settings, log_level: str) -> list[str]:
+    """The `batchery worker` arguments every worker of `serve` gets: the same stores."""
+    args = ["--data-dir", str(settings.data_dir), "--lease-seconds", str(settings.lease_s),
+            "--log-level", log_level]
+    if settings.database_url:
+        args += ["--database-url", settings.database_url]
+    if settings.files_url:
+        args += ["--files-url", settings.files_url]
+    return args
 
 
 #: The pool of a deployment serving jobs that declares none.
@@ -182,19 +203,19 @@ def job_pools(store: Store) -> list[PoolPlan]:
         plans.append(PoolPlan(name=d.name, minimum=spec.min, maximum=spec.max,
                               demand=demand.get(d.name, 0), idle_s=spec.idle_seconds,
                               args=("--no-batches", "--deployment", d.name),
-                              capped=d.source == API, version=d))
+                              capped=d.source == API, version=d, resources=spec.resources))
     return plans
 
 
 def supervisor(settings: Settings, store: Store, log_level: str, *, batch_workers: int,
-               policy: TrustPolicy) -> Supervisor:
+               policy: TrustPolicy, executor: Executor | None = None) -> Supervisor:
     """The pools of `batchery serve`: its batch workers and, unless the API runs alone
     (`--workers 0`), the pools of the deployments that serve jobs."""
     def plan() -> list[PoolPlan]:
         return [batch_pool(batch_workers), *(job_pools(store) if batch_workers else [])]
 
     return Supervisor(lambda args: _spawn_worker(settings, log_level, *args), plan,
-                      cap=policy.limits.max_api_pool_processes)
+                      cap=policy.limits.max_api_pool_processes, executor=executor)
 
 
 
@@ -218,16 +239,13 @@ def worker(
     log_level: Annotated[str, typer.Option(envvar="BATCHERY_LOG_LEVEL")] = "info",
 ) -> None:
     """Join the work: claim chunks from the store and run them. Stops cleanly on SIGTERM."""
-    import dataclasses
-
     _logging(log_level)
     _exit_with_pool_parent()
-    settings = Settings(data_dir=data_dir, database_url=database_url, files_url=files_url,
-                        lease_s=lease_seconds)
+    settings, config = worker_settings(
+        data_dir=data_dir, database_url=database_url, files_url=files_url,
+        lease_seconds=lease_seconds, grace_seconds=grace_seconds, jobs=jobs, batches=batches,
+        deployment=deployment, idle_exit=idle_exit)
     runtime = open_runtime(settings)
-    config = dataclasses.replace(
-        settings.worker_config(), grace_s=grace_seconds, jobs=jobs, batches=batches,
-        deployments=frozenset(deployment) if deployment else None, idle_exit_s=idle_exit)
     the_worker = new_worker(runtime.store, runtime.files, config)
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -239,6 +257,20 @@ def worker(
         the_worker.run()
     finally:
         runtime.close()
+
+
+def worker_settings(*, data_dir: Path, database_url: str | None, files_url: str | None,
+                    lease_seconds: float, grace_seconds: float, jobs: bool, batches: bool,
+                    deployment: list[str] | None, idle_exit: float | None,
+                    **_: object) -> tuple[Settings, WorkerConfig]:
+    """The settings and the loop's configuration of a worker, from `batchery worker`'s
+    options (a Ray actor parses the same arguments)."""
+    settings = Settings(data_dir=data_dir, database_url=database_url, files_url=files_url,
+                        lease_s=lease_seconds)
+    config = dataclasses.replace(
+        settings.worker_config(), grace_s=grace_seconds, jobs=jobs, batches=batches,
+        deployments=frozenset(deployment) if deployment else None, idle_exit_s=idle_exit)
+    return settings, config
 
 
 #: Set by `batchery serve` for its workers: the pid of the serving process.

@@ -7,6 +7,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
+import orjson
+
+from batchery.model.exceptions import Conflict
 
 RESULTS_NAME = "results.jsonl"
 DEAD_LETTERS_NAME = "failed_batches.jsonl"
@@ -42,3 +45,19 @@ def read(url: str, block: int = 1 << 20) -> Iterator[bytes]:
         while data := stream.read(block):
             yield data
 
+
+def dead_letter_items(url: str, most: int) -> list[Any]:
+    """(extension) The items of a job's dead letters, in order, from its dead-letters file
+    (`DEAD_LETTERS_NAME`), for a retry; at most `most`."""
+    found: list[Any] = []
+    try:
+        for line in b"".join(read(url)).splitlines():
+            if line.strip():
+                found += orjson.loads(line)["items"]
+    except FileNotFoundError:
+        raise Conflict(f"The dead letters' items of this job are gone ({url} was deleted), "
+                       f"so they cannot be rerun.") from None
+    if len(found) > most:
+        raise Conflict(f"The dead letters hold {len(found)} items, more than the {most} a "
+                       f"retry can carry; submit them as a new job from {url}.")
+    return found

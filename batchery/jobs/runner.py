@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import orjson
 
 from batchery.backends.predictor import LoadedPredictor, load_predictor, parse_options
-from batchery.jobs import enqueue, outputs
+from batchery.jobs import enqueue, outputs, results
 from batchery.jobs.joblog import JobLog, job_context
 from batchery.model.exceptions import Conflict
 from batchery.model.jobs import (
@@ -209,6 +209,10 @@ class JobRunner:
             }) + b"\n"
 
     def _result_parts(self, job: Job) -> Iterator[bytes]:
+        # (extension) A retry's results start with the rows of the job it retries.
+        carried = results.carried_results(self.store, job)
+        if carried is not None:
+            yield from outputs.read(carried)
         for batch in self.store.list_job_batches(job.id, ["succeeded"]):
             if batch.out_key:
                 with self.files.open_read(batch.out_key) as part:

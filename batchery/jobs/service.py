@@ -7,14 +7,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from batchery import backends
-from batchery.jobs import inputs, outputs, sandbox, submission
+from batchery.jobs import inputs, outputs, results, sandbox, submission
+from batchery.model import idempotency as idem
+from batchery.model.cursors import ResultsCursor, ResultsPage, check_limit
 from batchery.model.deployments import API, Deployment, Endpoint, parse_deployment, parse_endpoint
 from batchery.model.exceptions import ConfigError, Conflict, Forbidden, InvalidRequest, NotFound
+from batchery.model.idempotency import Idempotency, IdempotencyKey
 from batchery.model.jobs import (
     BatchState,
     InputKind,
@@ -29,11 +32,13 @@ from batchery.model.jobs import (
     job_id,
 )
 from batchery.model.paging import Page
-from batchery.ports.store import JobServiceStore
+from batchery.ports.store import JobServiceStore, count_live
 from batchery.security import auth, deployment_policy, secrets
 from batchery.security.trust import Principal, TrustPolicy
 from batchery.security.webhook_urls import check_webhook_url
 
+NO_WORKER = ("No worker is running: the job waits until one starts (`batchery serve` with "
+             "--workers above 0, or `batchery worker`).")
 #: Open mode's policy, for a service built without one (tests, `batchery run`).
 _OPEN_POLICY = TrustPolicy()
 
@@ -65,6 +70,10 @@ class JobService:
         self.files_url = files_url or outputs_url.rstrip("/").removesuffix("/outputs")
         self.stall_after_s = stall_after_s
         self.policy = policy
+        self._pruner = idem.Pruner()
+        #: The workers a deployment's pool asked for that do not run yet, `(name, why)`:
+        #: `serve` sets it when its pools run on Ray.
+        self.pending_workers: Callable[[str], list[tuple[str, str]]] = lambda _pool: []
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -149,7 +158,15 @@ class JobService:
     # -- jobs --------------------------------------------------------------------------
 
     def submit(self, project: str, endpoint_name: str, body: Any, *,
-               dry_run: bool = False) -> Job | DryRun:
+               dry_run: bool = False, idempotency: Idempotency | None = None) -> Job | DryRun:
+        """Submit a job (or plan it: a dry run). With `idempotency` (extension), a replay of
+        an earlier submission returns the job it made."""
+        if isinstance(body, dict):
+            body = {k: v for k, v in body.items() if k != idem.BODY_FIELD}
+        dry_run = dry_run or (isinstance(body, dict) and body.get("dry_run") is True)
+        if idempotency is not None and not dry_run \
+                and (found := self._replay(project, idempotency)):
+            return found
         spec = submission.parse(body)
         endpoint, members = self.visible_endpoint(project, endpoint_name)
         deployment = self._deployment(endpoint, members, spec.deployment)
@@ -173,8 +190,36 @@ class JobService:
         job = Job(id=new_id, project=project, endpoint=endpoint.name,
                   deployment=deployment.short_name, input=job_input, options=spec.options,
                   output_path=outputs.job_dir(output_base, new_id), created_at=time.time(),
-                  webhook_url=webhook_url)
-        self.store.insert_job(job)
+                  webhook_url=webhook_url, priority=spec.priority, warnings=self._warnings())
+        return self._insert(job, idempotency)
+
+    def _warnings(self) -> list[str] | None:
+        """(extension) What a new job should know: that no worker would run it."""
+        if count_live(self.store.list_workers(), time.time()) == 0:
+            return [NO_WORKER]
+        return None
+
+    def _replay(self, project: str, asked: Idempotency) -> Job | None:
+        found = self.store.find_key(project, idem.JOB, asked.key,
+                                    newer_than=time.time() - idem.KEY_TTL_S)
+        return None if found is None else self._replayed(found, asked)
+
+    def _replayed(self, found: IdempotencyKey, asked: Idempotency) -> Job:
+        job = self.store.get_job(found.project, idem.replayed(found, asked, "job"))
+        if job is None:
+            raise idem.gone(found, "job")
+        return job
+
+    def _insert(self, job: Job, asked: Idempotency | None) -> Job:
+        """Insert the job; with a key, the same transaction takes the key, and a concurrent
+        submission that took it first wins: its job is returned."""
+        now = time.time()
+        key = asked.record(job.project, idem.JOB, job.id, now) if asked else None
+        held = self.store.insert_job(job, key)
+        if held is not None and asked is not None:
+            return self._replayed(held, asked)
+        if key is not None and self._pruner.due(now):
+            self.store.prune_keys(now - idem.KEY_TTL_S)
         return job
 
     @staticmethod
@@ -244,10 +289,23 @@ class JobService:
         return self.store.end_job(job_id_, JobStatus.STOPPED, "stopped by a user",
                                   project=project)
 
+    def pause(self, project: str, job_id_: str) -> Job:
+        """(extension) None of the job's batches is claimed until it is resumed."""
+        return self.store.pause_job(project, job_id_, time.time())
+
+    def resume(self, project: str, job_id_: str) -> Job:
+        """(extension) The job's batches are claimed again."""
+        return self.store.resume_job(project, job_id_)
+
     def workers(self, project: str, job_id_: str) -> list[JobWorker]:
         job = self.get(project, job_id_)
         now = time.time()
-        return [self._derived(w, now, job) for w in self.store.list_job_workers(job.id)]
+        found = [self._derived(w, now, job) for w in self.store.list_job_workers(job.id)]
+        if job.stage is JobStage.DONE:
+            return found
+        return found + [JobWorker(job_id=job.id, worker_id=name, host="", pid=0,
+                                  state=WorkerState.PENDING, reason=why)
+                        for name, why in self.pending_workers(job.qualified_deployment)]
 
     def _derived(self, worker: JobWorker, now: float, job: Job) -> JobWorker:
         live = worker.state in (WorkerState.INITIALIZING, WorkerState.RUNNING,
@@ -277,6 +335,44 @@ class JobService:
         if job.results_url is None:
             raise NotFound("This job has no results file.", param="id")
         return outputs.read(job.results_url)
+
+    def results_page(self, project: str, job_id_: str, after: str | None,
+                     limit: int) -> ResultsPage:
+        """(extension) Up to `limit` result rows after the cursor `after`, while the job
+        runs or after it has ended (`jobs.results`)."""
+        job = self.get(project, job_id_)
+        if job.options.output.value == "summary_only":
+            raise Conflict("This job's predictor writes its own output (output: "
+                           f"summary_only) under {job.output_path}.")
+        cursor = ResultsCursor.decode(after, results.STAGES)
+        return results.read_page(self.store, job, cursor, check_limit(limit),
+                                 lambda key: inputs.blob_url(self.files_url, key))
+
+    def retry(self, project: str, job_id_: str) -> Job:
+        """(extension) A new job, `retry_of` this ended one, that reruns the items of its
+        dead-letter batches (read back from its `failed_batches.jsonl`)."""
+        job = self.get(project, job_id_)
+        if job.stage is not JobStage.DONE:
+            raise Conflict(f"The job {job.id} is {job.status.value}: only a job that has ended "
+                           f"can be retried.")
+        if not self.store.list_job_batches(job.id, [BatchState.FAILED.value]):
+            raise Conflict(f"The job {job.id} has no dead-letter batches: there is nothing "
+                           f"to retry.")
+        endpoint, members = self.visible_endpoint(project, job.endpoint)
+        self._deployment(endpoint, members, job.deployment)
+        items = outputs.dead_letter_items(f"{job.output_path}/{outputs.DEAD_LETTERS_NAME}",
+                                          submission.MAX_INLINE_ITEMS)
+        new_id = job_id()
+        retried = Job(id=new_id, project=project, endpoint=job.endpoint,
+                      deployment=job.deployment, options=job.options,
+                      input=JobInput(kind=InputKind.ITEM_LIST,
+                                     batch_size=job.input.batch_size, items=items),
+                      output_path=outputs.job_dir(
+                          job.output_path.removesuffix(f"/{job.id}"), new_id),
+                      created_at=time.time(), webhook_url=job.webhook_url,
+                      priority=job.priority, retry_of=job.id)
+        self.store.insert_job(retried)
+        return retried
 
 
 def _sees(who: Principal | str, endpoint: Endpoint) -> bool:

@@ -16,10 +16,11 @@ from batchery.model.jobs import (
     JobOptions,
     OutputMode,
 )
+from batchery.model.priority import DEFAULT_PRIORITY, parse_priority
 
 _INPUTS = tuple(k.value for k in InputKind)
 _OPTIONS = ("deployment", "workers", "config", "timeout", "batch_timeout", "max_retries",
-            "error_threshold", "output", "output_path", "dry_run", "webhook_url")
+            "error_threshold", "output", "output_path", "dry_run", "webhook_url", "priority")
 #: The largest whole number a submission may give (batch sizes, retries, workers): what
 #: the database and JSON encoders hold, far beyond any useful value.
 MAX_INT = 2**31 - 1
@@ -37,6 +38,8 @@ class Submission:
     #: Extension: a receiver of the job's end event, as given (the job service checks it
     #: against the operator's allow-list).
     webhook_url: str | None = None
+    #: Extension: higher is claimed first.
+    priority: int = DEFAULT_PRIORITY
 
 
 def parse(body: Any) -> Submission:
@@ -58,7 +61,8 @@ def parse(body: Any) -> Submission:
                       deployment=_optional_str(body, "deployment"),
                       output_path=_optional_str(body, "output_path"),
                       dry_run=_bool(body, "dry_run"),
-                      webhook_url=_optional_str(body, "webhook_url"))
+                      webhook_url=_optional_str(body, "webhook_url"),
+                      priority=parse_priority(body.get("priority")))
 
 
 def _input(kind: InputKind, raw: Any) -> JobInput:

@@ -71,7 +71,13 @@ TERMINAL = frozenset({BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXP
                       BatchStatus.CANCELLED})
 #: Statuses a cancel moves to `cancelling`. A finalizing batch has run all it will run
 #: (or is expiring), so a cancel leaves it as it is.
-CANCELLABLE = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS})
+CANCELLABLE = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.PAUSED})
+#: (extension) Statuses whose lines still run, or will once resumed: a chunk's lease is
+#: renewed while its batch is in one of them, so work in hand when a pause came finishes.
+RUNNING = frozenset({BatchStatus.IN_PROGRESS, BatchStatus.PAUSED})
+#: (extension) Statuses a pause applies to. A validating batch finishes validating and then
+#: waits, paused; a finalizing or cancelling one has nothing left to hold back.
+PAUSABLE = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.PAUSED})
 #: Statuses in which a worker has batch-level work to do (validate, or assemble results).
 PHASE_STATUSES = frozenset({BatchStatus.VALIDATING, BatchStatus.FINALIZING,
                             BatchStatus.CANCELLING})
@@ -83,11 +89,14 @@ class EndReason(enum.StrEnum):
     DONE = "done"
     CANCELLED = "cancelled"
     EXPIRED = "expired"
+    #: (extension) a spend ceiling was crossed: the batch stops like a cancel
+    BUDGET_EXCEEDED = "budget_exceeded"
 
     @property
     def final_status(self) -> BatchStatus:
         return {EndReason.DONE: BatchStatus.COMPLETED, EndReason.CANCELLED: BatchStatus.CANCELLED,
-                EndReason.EXPIRED: BatchStatus.EXPIRED}[self]
+                EndReason.EXPIRED: BatchStatus.EXPIRED,
+                EndReason.BUDGET_EXCEEDED: BatchStatus.CANCELLED}[self]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -74,3 +74,10 @@ class ChunkPart:
     offsets: tuple[int, ...]
     input_tokens: int = 0
     output_tokens: int = 0
+    #: (extension) What these lines cost, in US dollars at their deployments' prices.
+    cost: float = 0.0
+
+    @property
+    def spent(self) -> bool:
+        """Whether these lines used tokens or money (and so may cross a spend ceiling)."""
+        return bool(self.input_tokens or self.output_tokens or self.cost)

@@ -33,16 +33,37 @@ CONFIG, API = "config", "api"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Resources:
+    """What each worker of a deployment's pool needs from a Ray cluster, which places it
+    only on a node that has it: CPUs and GPUs (fractions allowed), memory in bytes, and
+    the cluster's custom resources by name. Ignored without Ray."""
+
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    memory: int | None = None
+    custom: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        found: dict[str, Any] = {key: getattr(self, key)
+                                 for key in ("num_cpus", "num_gpus", "memory")
+                                 if getattr(self, key) is not None}
+        return found | ({"custom": dict(self.custom)} if self.custom else {})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class WorkerPoolSpec:
     """How many worker processes `batchery serve` runs for a deployment's jobs: at least
-    `min`, growing with the queue up to `max`; extra workers exit after `idle_seconds`."""
+    `min`, growing with the queue up to `max`; extra workers exit after `idle_seconds`.
+    The deployment's `resources` travel with its pool: they are what each worker needs."""
 
     min: int = 0
     max: int = 1
     idle_seconds: float = 120.0
+    resources: Resources | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"min": self.min, "max": self.max, "idle_seconds": self.idle_seconds}
+        found = {"min": self.min, "max": self.max, "idle_seconds": self.idle_seconds}
+        return found | ({"resources": self.resources.to_dict()} if self.resources else {})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -153,7 +174,8 @@ def parse_deployment(item: Any, where: str, *, endpoint: str | None = None,
         raise ConfigError(f"{where}.options: expected a mapping")
     if check_options is not None:
         options = check_options(backend, options, f"{where}.options", base_dir)
-    workers = _pool(item.get("workers"), f"{where}.workers")
+    workers = _with_resources(_pool(item.get("workers"), f"{where}.workers"),
+                              item.get("resources"), f"{where}.resources", source)
     full = qualified(endpoint, name) if endpoint else name
     for key in ("project", "projects"):
         if endpoint and key in item:
@@ -226,8 +248,64 @@ def _pool(raw: Any, where: str) -> WorkerPoolSpec | None:
     return WorkerPoolSpec(min=low, max=high, idle_seconds=float(idle))
 
 
+def _with_resources(pool: WorkerPoolSpec | None, raw: Any, where: str,
+                    source: str) -> WorkerPoolSpec | None:
+    """The pool, with the deployment's `resources` (the default pool if none was given)."""
+    if raw is None:
+        return pool
+    if source != CONFIG:
+        raise ConfigError(f"{where}: only the config file declares what a deployment's "
+                          f"workers need from a Ray cluster")
+    return dataclasses.replace(pool or WorkerPoolSpec(), resources=parse_resources(raw, where))
+
+
+_RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "custom")
+_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?)?B?\Z", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_resources(raw: Any, where: str) -> Resources:
+    """`resources:`: `num_cpus`, `num_gpus` (numbers, fractions allowed), `memory` (bytes,
+    or a size such as `4GiB`) and `custom` (Ray's custom resources: name to amount)."""
+    if not isinstance(raw, dict) or not raw or set(raw) - set(_RESOURCE_KEYS):
+        raise ConfigError(f"{where}: expected a mapping of {', '.join(_RESOURCE_KEYS)} "
+                          f"(a cluster's own resources go under 'custom')")
+    for key in ("num_cpus", "num_gpus"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or value < 0):
+            raise ConfigError(f"{where}.{key}: expected a number of at least 0")
+    custom = raw.get("custom") or {}
+    if not isinstance(custom, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, int | float) and not isinstance(v, bool)
+            and v > 0 for k, v in custom.items()):
+        raise ConfigError(f"{where}.custom: expected a mapping of resource names to "
+                          f"positive amounts")
+    cpus, gpus = raw.get("num_cpus"), raw.get("num_gpus")
+    return Resources(num_cpus=None if cpus is None else float(cpus),
+                     num_gpus=None if gpus is None else float(gpus),
+                     memory=_memory(raw.get("memory"), f"{where}.memory"),
+                     custom={k: float(v) for k, v in custom.items()})
+
+
+def _memory(raw: Any, where: str) -> int | None:
+    """Bytes, from a whole number or a size such as `512MiB` or `4GB`."""
+    if raw is None:
+        return None
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0:
+        return raw
+    found = _MEMORY.match(raw.strip()) if isinstance(raw, str) else None
+    if found is None or float(found[1]) <= 0:
+        raise ConfigError(f"{where}: expected a number of bytes, or a size such as 4GiB")
+    return int(float(found[1]) * _UNITS[(found[2] or "").lower()])
+
+
 def pool_from_dict(raw: dict[str, Any] | None) -> WorkerPoolSpec | None:
-    return WorkerPoolSpec(**raw) if raw else None
+    if not raw:
+        return None
+    resources = raw.get("resources")
+    return WorkerPoolSpec(**{**raw, "resources": Resources(**resources) if resources else None})
 
 
 def load(path: str | Path, *, check_options: OptionsCheck | None = None) -> Catalog:

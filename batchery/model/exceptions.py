@@ -26,9 +26,10 @@ class NotFound(BatcheryError):
 
 
 class Conflict(BatcheryError):
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.code = code
 
 
 class InvalidRequest(BatcheryError):

@@ -25,13 +25,17 @@ class JobStatus(enum.StrEnum):
     FAILED = "failed"  #: the input could not be read, or too many batches failed
     TIMED_OUT = "timed_out"  #: the job's `timeout` ran out
     STOPPED = "stopped"  #: a user stopped it
+    #: (extension) paused: none of its batches is claimed until it is resumed; batches in
+    #: flight finish, and its `timeout` keeps running
+    PAUSED = "paused"
 
     @property
     def is_terminal(self) -> bool:
         return self not in IN_PROGRESS
 
 
-IN_PROGRESS = frozenset({JobStatus.PENDING, JobStatus.ENQUEUING, JobStatus.RUNNING})
+IN_PROGRESS = frozenset({JobStatus.PENDING, JobStatus.ENQUEUING, JobStatus.RUNNING,
+                         JobStatus.PAUSED})
 
 
 class JobStage(enum.StrEnum):
@@ -222,6 +226,7 @@ class JobLease:
 
 
 class WorkerState(enum.StrEnum):
+    PENDING = "pending"  #: asked of a Ray cluster, not placed on a node yet (not stored)
     INITIALIZING = "initializing"  #: loading the predictor for this job
     RUNNING = "running"  #: running one of its batches
     IDLE = "idle"  #: predictor loaded, no batch in hand
@@ -241,6 +246,8 @@ class JobWorker:
     batches_done: int = 0
     started_at: float = 0.0
     last_heartbeat: float = 0.0
+    #: Why a pending worker waits, in Ray's terms.
+    reason: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

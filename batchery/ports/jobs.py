@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from batchery.model.deployments import Deployment, Endpoint
+from batchery.model.idempotency import IdempotencyKey
 from batchery.model.jobs import (
     BatchLease,
     BatchSpec,
@@ -76,7 +77,9 @@ class EndpointRegistry(Protocol):
 
 class JobRecords(Protocol):
     @abstractmethod
-    def insert_job(self, job: Job) -> None: ...
+    def insert_job(self, job: Job, key: IdempotencyKey | None = None) -> IdempotencyKey | None:
+        """Insert the job. With `key` (extension), in the same transaction: when the key is
+        taken already (and not expired), insert nothing and return the record holding it."""
 
     @abstractmethod
     def get_job(self, project: str | None, job_id: str) -> Job | None: ...
@@ -95,7 +98,21 @@ class JobRecords(Protocol):
 
     @abstractmethod
     def time_out_jobs(self, now: float) -> list[str]:
-        """End the jobs whose deadline has passed as timed_out; returns their ids."""
+        """End the jobs whose deadline has passed (paused ones too) as timed_out; returns
+        their ids."""
+
+    @abstractmethod
+    def pause_job(self, project: str, job_id: str, now: float) -> Job:
+        """(extension) A job in progress becomes `paused`: none of its batches is claimed
+        (those in flight finish), and it does not complete, until it is resumed. Its input
+        is still enqueued. Pausing a paused job changes nothing. Raises NotFound, or
+        Conflict once the job has ended."""
+
+    @abstractmethod
+    def resume_job(self, project: str, job_id: str) -> Job:
+        """(extension) A paused job takes the status its stage implies again (pending,
+        enqueuing or running), and completes at once if no batch is left. A job that is
+        not paused is returned as it is. Raises NotFound, or Conflict once it has ended."""
 
     @abstractmethod
     def list_job_batches(self, job_id: str, states: Collection[str] | None = None
@@ -106,7 +123,8 @@ class JobRecords(Protocol):
 
     @abstractmethod
     def job_demand(self) -> dict[str, int]:
-        """Per deployment (qualified name): how many workers its jobs could use now."""
+        """Per deployment (qualified name): how many workers its jobs could use now (a
+        paused job's queued batches wait, so they count for nothing)."""
 
     @abstractmethod
     def job_counts(self) -> dict[str, dict[str, int]]:

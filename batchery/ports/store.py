@@ -16,7 +16,9 @@ from batchery.model.batches import Batch, BatchError
 from batchery.model.chunks import Chunk, ChunkLease, ChunkPart, ChunkSpec
 from batchery.model.deployments import Deployment, Endpoint
 from batchery.model.files import FileRecord
+from batchery.model.idempotency import IdempotencyKey
 from batchery.model.paging import Page
+from batchery.ports.idempotency import IdempotencyKeys
 from batchery.ports.jobs import (
     JobBatchQueue,
     JobObservations,
@@ -52,6 +54,16 @@ class WorkerInfo:
     chunks_done: int = 0
 
 
+#: A worker that reported within this many seconds counts as live.
+LIVE_WORKER_S = 30.0
+
+
+def count_live(workers: Sequence[WorkerInfo], now: float) -> int:
+    """How many of `workers` are live: not stopped, and heard from lately."""
+    return sum(1 for w in workers
+               if w.state != "stopped" and now - w.last_heartbeat < LIVE_WORKER_S)
+
+
 class FileRecords(Protocol):
     @abstractmethod
     def insert_file(self, record: FileRecord) -> None: ...
@@ -81,7 +93,11 @@ class FileRecords(Protocol):
 
 class BatchRecords(Protocol):
     @abstractmethod
-    def insert_batch(self, batch: Batch) -> None: ...
+    def insert_batch(self, batch: Batch,
+                     key: IdempotencyKey | None = None) -> IdempotencyKey | None:
+        """Insert the batch. With `key` (extension), in the same transaction: when the key
+        is taken already (and not expired), insert nothing and return the record holding
+        it."""
 
     @abstractmethod
     def get_batch(self, project: str | None, batch_id: str) -> Batch | None: ...
@@ -104,7 +120,33 @@ class BatchRecords(Protocol):
 
     @abstractmethod
     def expire_due(self, now: int) -> int:
-        """Send batches whose window has run out to `finalizing`; returns how many."""
+        """Send batches whose window has run out (paused ones too) to `finalizing`;
+        returns how many."""
+
+    @abstractmethod
+    def pause_batch(self, project: str, batch_id: str, now: int) -> Batch:
+        """(extension) Hold a batch back: an `in_progress` one becomes `paused` and no
+        chunk of it is claimed; a validating one is marked, and becomes `paused` once
+        validated. Chunks in hand finish and commit. Pausing a paused batch changes
+        nothing. Raises NotFound, or Conflict once it is ending or ended."""
+
+    @abstractmethod
+    def resume_batch(self, project: str, batch_id: str, now: int) -> Batch:
+        """(extension) Undo a pause: `paused` becomes `in_progress` again (and
+        `finalizing` at once if every chunk ended meanwhile). A batch that is not paused
+        is returned as it is. Raises NotFound, or Conflict once it has ended."""
+
+    @abstractmethod
+    def lines_ahead(self, priority: int) -> int:
+        """(extension) Requests not answered yet of the batches that are validating or in
+        progress at `priority` or higher, which workers would run before a new batch of
+        that priority (paused and remote batches are left out)."""
+
+    @abstractmethod
+    def recent_runs(self, since: int, limit: int = 500) -> list[Batch]:
+        """(extension) The batches our workers ran at some time since `since` (still
+        running, or stopped since), the most recently started first: what throughput is
+        measured on."""
 
 
 class PhaseQueue(Protocol):
@@ -208,6 +250,20 @@ class ChunkResults(Protocol):
     def list_parts(self, batch_id: str) -> list[ChunkPart]:
         """Every part committed for the batch, in input order."""
 
+    @abstractmethod
+    def list_parts_after(self, batch_id: str, after_id: int,
+                         limit: int | None = None) -> list[tuple[int, ChunkPart]]:
+        """(extension) The parts committed for the batch whose id is above `after_id`, with
+        their ids, in commit order (ids grow in the order parts commit), at most `limit`."""
+
+
+class ResultsStore(FileRecords, BatchRecords, ChunkResults, Protocol):
+    """(extension) What reading a batch's results while it runs, and retrying its failed
+    lines, use."""
+
+    @abstractmethod
+    def list_chunks(self, batch_id: str) -> list[Chunk]: ...
+
 
 class Registry(Protocol):
     @abstractmethod
@@ -230,7 +286,7 @@ class Registry(Protocol):
         """How many batches are in each status and chunks in each state, for metrics."""
 
 
-class BatchApiStore(FileRecords, BatchRecords, Registry, Protocol):
+class BatchApiStore(FileRecords, BatchRecords, Registry, IdempotencyKeys, Protocol):
     """What the batch APIs' services use: files, batches, and which models exist."""
 
 
@@ -242,7 +298,7 @@ class ChunkStore(BatchRecords, ChunkQueue, ChunkResults, Registry, Protocol):
     """What running chunks uses."""
 
 
-class JobServiceStore(JobStore, FileRecords, Registry, Protocol):
+class JobServiceStore(JobStore, FileRecords, Registry, IdempotencyKeys, Protocol):
     """What the jobs API uses: jobs and endpoints, and uploaded files as inputs."""
 
 
@@ -252,7 +308,7 @@ class JobWorkStore(JobRecords, JobPhaseQueue, JobBatchQueue, JobObservations, Fi
 
 
 class Store(FileRecords, BatchRecords, PhaseQueue, ChunkQueue, ChunkResults, Registry, JobStore,
-            Protocol):
+            IdempotencyKeys, Protocol):
     """Everything Batchery keeps in its database."""
 
     @abstractmethod

@@ -9,7 +9,8 @@ wanted, or whose deployment changed (SIGTERM, then SIGKILL after a grace). Pools
 `capped` share one budget of processes: the operator's cap on pools made over the API.
 
 How a worker process is started is the caller's: `spawn` gets the worker's command-line
-arguments and returns something shaped like a `subprocess.Popen`.
+arguments and returns something shaped like a `subprocess.Popen`. An `executor` may start
+them elsewhere instead (Ray actors): it is given the pool's name and resources as well.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from batchery.model.deployments import Resources
 
 log = logging.getLogger("batchery.pool")
 
@@ -58,10 +61,20 @@ class PoolPlan:
     capped: bool = False
     #: What the pool runs; when it changes, the pool's workers are stopped and started anew.
     version: object = None
+    #: What each worker needs from a cluster (an executor's business; local processes
+    #: ignore it).
+    resources: Resources | None = None
 
     @property
     def target(self) -> int:
         return max(self.minimum, min(self.maximum, self.demand))
+
+
+class Executor(Protocol):
+    """Starts a pool's workers somewhere other than as local processes (a Ray cluster)."""
+
+    def start(self, pool: str, args: Sequence[str], resources: Resources | None) -> Process:
+        ...
 
 
 @dataclass
@@ -73,8 +86,9 @@ class _Worker:
 class Supervisor:
     def __init__(self, spawn: Callable[[Sequence[str]], Process],
                  plan: Callable[[], Sequence[PoolPlan]], *, cap: int | None = None,
-                 every_s: float = 1.0, retire_grace_s: float = 5.0) -> None:
-        self.spawn, self.plan, self.cap = spawn, plan, cap
+                 every_s: float = 1.0, retire_grace_s: float = 5.0,
+                 executor: Executor | None = None) -> None:
+        self.spawn, self.plan, self.cap, self.executor = spawn, plan, cap, executor
         self.every_s, self.retire_grace_s = every_s, retire_grace_s
         self._pools: dict[str, list[_Worker]] = {}
         self._versions: dict[str, object] = {}
@@ -122,18 +136,33 @@ class Supervisor:
         how many started, and whether the budget held some back."""
         workers = self._reap(plan.name)
         self._versions[plan.name] = plan.version
+        self._drop_unplaced(plan, workers)
         started = 0
         while len(workers) < plan.target and not self._stopping.is_set():
             if budget is not None and started >= budget:
                 return started, True
             permanent = sum(w.permanent for w in workers) < plan.minimum
             idle = [] if permanent or plan.idle_s is None else ["--idle-exit", str(plan.idle_s)]
-            proc = self.spawn([*plan.args, *idle])
+            args = [*plan.args, *idle]
+            proc = (self.spawn(args) if self.executor is None
+                    else self.executor.start(plan.name, args, plan.resources))
             workers.append(_Worker(proc=proc, permanent=permanent))
             started += 1
             log.info("started worker pid %d for %s (%d of at most %d)", proc.pid, plan.name,
                      len(workers), plan.maximum)
         return started, False
+
+    def _drop_unplaced(self, plan: PoolPlan, workers: list[_Worker]) -> None:
+        """Workers an executor has not placed yet (a Ray actor waiting for a node: its
+        `placed` is False) hold no work. Those beyond what the pool's work wants now are
+        let go, or a cluster's autoscaler would keep adding nodes that nobody needs."""
+        waiting = sorted((w for w in workers if not getattr(w.proc, "placed", True)),
+                         key=lambda w: w.permanent)
+        for worker in waiting[:max(0, len(workers) - plan.target)]:
+            worker.proc.kill()
+            workers.remove(worker)
+            log.info("dropped a worker of %s that was never placed: its work is gone",
+                     plan.name)
 
     def _retire_gone(self, wanted: dict[str, PoolPlan]) -> None:
         """SIGTERM the workers of pools no longer wanted, or whose work changed."""

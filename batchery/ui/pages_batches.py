@@ -18,7 +18,13 @@ from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from batchery import ui
 from batchery.batchapi.gemini import GEMINI_ID_PREFIX
-from batchery.model.batches import SUPPORTED_ENDPOINTS, Batch, BatchStatus, same_endpoint
+from batchery.model.batches import (
+    CANCELLABLE,
+    SUPPORTED_ENDPOINTS,
+    Batch,
+    BatchStatus,
+    same_endpoint,
+)
 from batchery.model.exceptions import BatcheryError, NotFound
 from batchery.runtime import Runtime
 from batchery.security.trust import Principal
@@ -281,7 +287,8 @@ async def create_batch(request: Request, principal: PagePrincipal, _csrf: Csrf,
 
 def timeline(batch: Batch) -> list[tuple[str, str]]:
     steps = [("created", batch.created_at), ("in progress", batch.in_progress_at),
-             ("finalizing", batch.finalizing_at), ("cancelling", batch.cancelling_at),
+             ("paused", batch.paused_at), ("finalizing", batch.finalizing_at),
+             ("cancelling", batch.cancelling_at),
              ("completed", batch.completed_at), ("failed", batch.failed_at),
              ("expired", batch.expired_at), ("cancelled", batch.cancelled_at)]
     return [(name, iso(ts) or "") for name, ts in steps if ts is not None]
@@ -294,7 +301,7 @@ def detail_context(request: Request, principal: Principal, batch_id: str) -> dic
              "error": batch.error_file_id}
     return {"row": row(batch, now), "batch": batch, "timeline": timeline(batch),
             "files": {k: v for k, v in files.items() if v},
-            "cancellable": batch.status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS),
+            "cancellable": batch.status in CANCELLABLE,
             "notice": request.query_params.get("notice", "")}
 
 

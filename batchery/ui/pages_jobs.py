@@ -319,5 +319,5 @@ def _duration(job: Job) -> str:
 def _times(job: Job) -> list[tuple[str, float]]:
     """The job's status times, in order, for its timeline."""
     found = [("created", job.created_at), ("started", job.started_at),
-             ("ended", job.ended_at)]
+             ("paused", job.paused_at), ("ended", job.ended_at)]
     return [(name, ts) for name, ts in found if ts]

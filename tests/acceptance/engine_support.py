@@ -4,6 +4,7 @@ and replaces, and waiting with deadlines."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -198,3 +199,44 @@ def file_lines(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
 
 def custom_ids(lines: list[dict[str, Any]]) -> list[str]:
     return [line["custom_id"] for line in lines]
+
+
+# -- looking inside: the shared store and file store, and pausing workers ---------------
+
+def _arg(db: Database, name: str) -> str | None:
+    args = list(db.args)
+    return args[args.index(name) + 1] if name in args else None
+
+
+def store_url(server: Server, db: Database) -> str:
+    """The database that `server` and its workers share."""
+    return _arg(db, "--database-url") or f"sqlite:///{server.data_dir.resolve() / 'batchery.db'}"
+
+
+def files_root(server: Server, db: Database) -> Path:
+    """The folder of the file store that `server` and its workers share."""
+    return Path(_arg(db, "--files-url") or server.data_dir / "files")
+
+
+def files_under(root: Path, prefix: str) -> list[str]:
+    """The files (not folders) under `prefix` of the file store at `root`."""
+    base = root / prefix
+    return sorted(str(p.relative_to(root)) for p in base.rglob("*") if p.is_file()) \
+        if base.exists() else []
+
+
+def unreferenced_blobs(root: Path, file_ids: set[str]) -> list[str]:
+    """Blobs under `files/` that no file record names (by id: `files/<file id>`)."""
+    return [key for key in files_under(root, "files") if key.split("/", 1)[1] not in file_ids]
+
+
+def sigstop(pid: int) -> bool:
+    if not is_batchery_worker(pid):
+        return False
+    os.kill(pid, signal.SIGSTOP)
+    return True
+
+
+def sigcont(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)

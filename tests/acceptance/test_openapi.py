@@ -33,6 +33,7 @@ BODY_ROUTES = {("post", "/v1/files"), ("post", "/v1/batches"), ("post", "/v1/mes
 STREAMS = {("get", "/v1/files/{file_id}/content"): "application/octet-stream",
            ("get", "/v1/messages/batches/{batch_id}/results"): "application/x-jsonl",
            ("get", "/api/v1/jobs/{job_id}/results"): "application/x-ndjson",
+           ("get", "/v1/batches/{batch_id}/results"): "application/jsonl",
            ("get", "/api/v1/jobs/{job_id}/logs"): "text/plain"}
 #: What a JSON Schema cannot say: `custom_id`s unique within a batch. A schema-valid body
 #: that repeats one is refused, rightly, with 400.

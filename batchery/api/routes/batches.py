@@ -8,7 +8,14 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from batchery.api import wire
-from batchery.api.bodies import json_body
+from batchery.api.bodies import (
+    IDEMPOTENCY_FIELD,
+    IDEMPOTENCY_HEADER,
+    PRIORITY_FIELD,
+    SPEND_FIELDS,
+    idempotency_of,
+    json_body,
+)
 from batchery.api.deps import Project, Service
 from batchery.api.responses import ok
 from batchery.api.routes.webhooks import Webhooks
@@ -44,7 +51,9 @@ _CREATE_BODY = {"required": True, "content": {"application/json": {"schema": {
         "webhook_url": {"anyOf": [URL_JSON_SCHEMA, {"type": "null"}],
                         "description": "Extension: one more receiver of this batch's end "
                                        "event, signed with the project's secret "
-                                       "(GET /v1/webhook_secret)."}}}}}}
+                                       "(GET /v1/webhook_secret)."},
+        "idempotency_key": IDEMPOTENCY_FIELD, **SPEND_FIELDS,
+        "priority": PRIORITY_FIELD}}}}}
 
 
 def _required_str(body: dict[str, Any], name: str) -> str:
@@ -59,7 +68,8 @@ def _required_str(body: dict[str, Any], name: str) -> str:
 
 
 @router.post("/batches", responses=ok(wire.BatchObject, "The batch, validating."),
-             openapi_extra={"requestBody": _CREATE_BODY})
+             openapi_extra={"requestBody": _CREATE_BODY,
+                            "parameters": [IDEMPOTENCY_HEADER]})
 async def create_batch(request: Request, project: Project, service: Service,
                        webhooks: Webhooks) -> Any:
     body = await json_body(request)
@@ -72,7 +82,9 @@ async def create_batch(request: Request, project: Project, service: Service,
         service.create_batch, project, input_file_id=_required_str(body, "input_file_id"),
         endpoint=_required_str(body, "endpoint"), completion_window=window,
         metadata=body.get("metadata"), output_expires_after=body.get("output_expires_after"),
-        webhook_url=webhook_url)
+        webhook_url=webhook_url, max_cost=body.get("max_cost"),
+        max_total_tokens=body.get("max_total_tokens"),
+        idempotency=idempotency_of(request, body), priority=body.get("priority"))
     return wire.batch_object(batch)
 
 
@@ -94,3 +106,17 @@ def retrieve_batch(batch_id: str, project: Project, service: Service) -> Any:
 def cancel_batch(batch_id: str, project: Project, service: Service) -> Any:
     # The SDK sends an empty body with a JSON content type: the body is never read.
     return wire.batch_object(service.cancel_batch(project, batch_id))
+
+
+@router.post("/batches/{batch_id}/pause",
+             responses=ok(wire.BatchObject, "The batch, paused (extension)."))
+def pause_batch(batch_id: str, project: Project, service: Service) -> Any:
+    """Extension: claim no new chunk of the batch until it is resumed."""
+    return wire.batch_object(service.pause_batch(project, batch_id))
+
+
+@router.post("/batches/{batch_id}/resume",
+             responses=ok(wire.BatchObject, "The batch, in progress again (extension)."))
+def resume_batch(batch_id: str, project: Project, service: Service) -> Any:
+    """Extension: run a paused batch's remaining chunks."""
+    return wire.batch_object(service.resume_batch(project, batch_id))

@@ -16,8 +16,11 @@ from batchery.api import responses as docs
 from batchery.api.bodies import json_body
 from batchery.api.deps import Caller, Project
 from batchery.api.job_wire import job_json
+from batchery.api.routes import reruns
+from batchery.jobs import results as job_results
 from batchery.jobs.joblog import SETTLE_S
 from batchery.jobs.service import DryRun, JobService
+from batchery.model.cursors import DEFAULT_PAGE_LINES, MAX_PAGE_LINES, cursor_pattern
 from batchery.model.deployments import Deployment, Endpoint
 from batchery.model.jobs import Job, JobBatch, JobStage, JobStatus, JobWorker
 from batchery.ports.jobs import LogCursor
@@ -41,7 +44,8 @@ Jobs = Annotated[JobService, Depends(get_jobs)]
 
 def _deployment_json(d: Deployment, default: str) -> dict[str, Any]:
     return {"name": d.short_name, "backend": d.backend, "default": d.short_name == default,
-            "workers": d.workers.to_dict() if d.workers else None, "source": d.source}
+            "workers": d.workers.to_dict() if d.workers else None, "source": d.source,
+            "prices": d.prices}
 
 
 def _endpoint_json(endpoint: Endpoint, members: list[Deployment]) -> dict[str, Any]:
@@ -112,11 +116,14 @@ async def add_deployment(name: str, request: Request, caller: Caller, jobs: Jobs
              responses={200: {"model": docs.JobInfo | docs.JobDryRun,
                               "description": "The job; or, for a dry run, what it would "
                                              "read."}},
-             openapi_extra=bodies.JOB_SUBMISSION)
+             openapi_extra={**bodies.JOB_SUBMISSION,
+                            "parameters": [bodies.IDEMPOTENCY_HEADER]})
 async def submit_job(name: str, request: Request, project: Project, jobs: Jobs,
                      dry_run: bool = False) -> Any:
     body = await json_body(request)
-    result = await run_in_threadpool(jobs.submit, project, name, body, dry_run=dry_run)
+    result = await run_in_threadpool(
+        jobs.submit, project, name, body, dry_run=dry_run,
+        idempotency=bodies.idempotency_of(request, body, endpoint=name))
     if isinstance(result, DryRun):
         return {"object": "job.dry_run", "endpoint": result.endpoint,
                 "deployment": result.deployment, "files": result.files,
@@ -153,10 +160,29 @@ def stop_job(job_id: str, project: Project, jobs: Jobs) -> Any:
     return job_json(view.job, view)
 
 
+@router.post("/jobs/{job_id}/pause", responses=docs.ok(docs.JobInfo, "The job, paused "
+                                                                     "(extension)."))
+def pause_job(job_id: str, project: Project, jobs: Jobs) -> Any:
+    """Extension: claim none of the job's batches until it is resumed."""
+    jobs.pause(project, job_id)
+    view = jobs.view(project, job_id)
+    return job_json(view.job, view)
+
+
+@router.post("/jobs/{job_id}/resume", responses=docs.ok(docs.JobInfo, "The job, running "
+                                                                      "again (extension)."))
+def resume_job(job_id: str, project: Project, jobs: Jobs) -> Any:
+    """Extension: run a paused job's remaining batches."""
+    jobs.resume(project, job_id)
+    view = jobs.view(project, job_id)
+    return job_json(view.job, view)
+
+
 def _worker_json(w: JobWorker) -> dict[str, Any]:
     return {"id": w.worker_id, "host": w.host, "pid": w.pid, "state": w.state.value,
             "current_batch": w.current_batch, "batches_done": w.batches_done,
-            "started_at": w.started_at, "last_heartbeat": w.last_heartbeat}
+            "started_at": w.started_at, "last_heartbeat": w.last_heartbeat,
+            "reason": w.reason}
 
 
 @router.get("/jobs/{job_id}/workers",
@@ -179,13 +205,33 @@ def failed_batches(job_id: str, project: Project, jobs: Jobs) -> Any:
 
 
 @router.get("/jobs/{job_id}/results", response_class=StreamingResponse,
-            responses=docs.stream("application/x-ndjson", "One result a line."))
-def results(job_id: str, project: Project, jobs: Jobs) -> Any:
-    stream = jobs.results(project, job_id)
-    return StreamingResponse(iterate_in_threadpool(stream),
-                             media_type="application/x-ndjson",
-                             headers={"content-disposition":
-                                      f'attachment; filename="{job_id}-results.jsonl"'})
+            responses={200: {**docs.stream(
+                "application/x-ndjson", "One result a line: an ended job's whole results "
+                                        "file; with `after` or `limit`, or while the job "
+                                        "runs (extension), a page of the rows written so "
+                                        "far.")[200], "headers": reruns.PAGE_HEADERS}})
+def results(job_id: str, project: Project, jobs: Jobs,
+            after: Annotated[str | None, Query(json_schema_extra={
+                "pattern": cursor_pattern(job_results.STAGES)})] = None,
+            limit: Annotated[int | None, Query(json_schema_extra={
+                "minimum": 1, "maximum": MAX_PAGE_LINES})] = None) -> Any:
+    if after is None and limit is None and jobs.get(project, job_id).stage is JobStage.DONE:
+        stream = jobs.results(project, job_id)
+        return StreamingResponse(iterate_in_threadpool(stream),
+                                 media_type="application/x-ndjson",
+                                 headers={"content-disposition":
+                                          f'attachment; filename="{job_id}-results.jsonl"'})
+    page = jobs.results_page(project, job_id, after, limit or DEFAULT_PAGE_LINES)
+    return reruns.page_response(page, "application/x-ndjson")
+
+
+@router.post("/jobs/{job_id}/retry",
+             responses=docs.ok(docs.JobInfo, "The new job (extension), which reruns the "
+                                             "items of the dead-letter batches."))
+def retry_job(job_id: str, project: Project, jobs: Jobs) -> Any:
+    retried = jobs.retry(project, job_id)
+    view = jobs.view(project, retried.id)
+    return job_json(view.job, view)
 
 
 @router.get("/jobs/{job_id}/logs", response_class=StreamingResponse,

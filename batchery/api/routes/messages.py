@@ -11,6 +11,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from batchery.api import anthropic_wire as wire
+from batchery.api.bodies import (
+    IDEMPOTENCY_FIELD,
+    IDEMPOTENCY_HEADER,
+    PRIORITY_FIELD,
+    SPEND_FIELDS,
+    idempotency_of,
+)
 from batchery.api.deps import Project
 from batchery.api.responses import ok, stream
 from batchery.api.routes.webhooks import Webhooks
@@ -37,7 +44,9 @@ _CREATE_BODY = {"required": True, "content": {"application/json": {"schema": {
         "webhook_url": {"anyOf": [URL_JSON_SCHEMA, {"type": "null"}],
                         "description": "Extension: a receiver of this batch's "
                                        "message_batch.ended event, signed with the "
-                                       "project's secret (GET /v1/webhook_secret)."}}}}}}
+                                       "project's secret (GET /v1/webhook_secret)."},
+        "idempotency_key": IDEMPOTENCY_FIELD, **SPEND_FIELDS,
+        "priority": PRIORITY_FIELD}}}}}
 _ANSWER = "The message batch."
 
 
@@ -50,7 +59,8 @@ Service = Annotated[MessageBatchService, Depends(_service)]
 
 
 @router.post("/messages/batches", responses=ok(wire.MessageBatch, _ANSWER),
-             openapi_extra={"requestBody": _CREATE_BODY})
+             openapi_extra={"requestBody": _CREATE_BODY,
+                            "parameters": [IDEMPOTENCY_HEADER]})
 async def create(request: Request, project: Project, service: Service,
                  webhooks: Webhooks) -> Any:
     try:
@@ -61,7 +71,10 @@ async def create(request: Request, project: Project, service: Service,
         raise InvalidRequest("The request body must be a JSON object.")
     webhook_url = optional_webhook_url(body, webhooks.policy)
     batch = await run_in_threadpool(service.create, project, body.get("requests"),
-                                    webhook_url=webhook_url)
+                                    webhook_url=webhook_url, max_cost=body.get("max_cost"),
+                                    max_total_tokens=body.get("max_total_tokens"),
+                                    idempotency=idempotency_of(request, body),
+                                    priority=body.get("priority"))
     return wire.message_batch(batch, str(request.base_url))
 
 
@@ -83,6 +96,21 @@ def retrieve(batch_id: str, request: Request, project: Project, service: Service
 @router.post("/messages/batches/{batch_id}/cancel", responses=ok(wire.MessageBatch, _ANSWER))
 def cancel(batch_id: str, request: Request, project: Project, service: Service) -> Any:
     return wire.message_batch(service.cancel(project, batch_id), str(request.base_url))
+
+
+@router.post("/messages/batches/{batch_id}/pause",
+             responses=ok(wire.MessageBatch, "The message batch, paused: still in_progress, "
+                                             "with paused_at set (extension)."))
+def pause(batch_id: str, request: Request, project: Project, service: Service) -> Any:
+    """Extension: start no new request of the batch until it is resumed."""
+    return wire.message_batch(service.pause(project, batch_id), str(request.base_url))
+
+
+@router.post("/messages/batches/{batch_id}/resume",
+             responses=ok(wire.MessageBatch, "The message batch, running again (extension)."))
+def resume(batch_id: str, request: Request, project: Project, service: Service) -> Any:
+    """Extension: run a paused message batch's remaining requests."""
+    return wire.message_batch(service.resume(project, batch_id), str(request.base_url))
 
 
 @router.delete("/messages/batches/{batch_id}",

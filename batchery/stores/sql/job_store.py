@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from batchery.model import webhooks
 from batchery.model.deployments import API, Deployment, Endpoint
 from batchery.model.exceptions import Conflict, NotFound
+from batchery.model.idempotency import IdempotencyKey
 from batchery.model.jobs import (
     IN_PROGRESS,
     OPEN_BATCH_STATES,
@@ -35,6 +36,7 @@ from batchery.model.jobs import (
 from batchery.model.leases import SPLIT_AFTER_EXPIRIES
 from batchery.model.paging import Page
 from batchery.ports.jobs import JobStore, ReapedBatch
+from batchery.stores.sql.idempotency_store import take_key
 from batchery.stores.sql.leases import Leases
 from batchery.stores.sql.tables import (
     deployments,
@@ -120,9 +122,12 @@ class SqlJobStore(JobStore):
 
     # -- jobs --------------------------------------------------------------------------
 
-    def insert_job(self, job: Job) -> None:
+    def insert_job(self, job: Job, key: IdempotencyKey | None = None) -> IdempotencyKey | None:
         with self.engine.begin() as conn:
+            if key is not None and (held := take_key(conn, key)) is not None:
+                return held
             conn.execute(jobs.insert().values(**_job_row(job)))
+        return None
 
     def get_job(self, project: str | None, job_id: str) -> Job | None:
         with self.engine.begin() as conn:
@@ -164,6 +169,41 @@ class SqlJobStore(JobStore):
             return [job_id for job_id in due
                     if _end(conn, job_id, JobStatus.TIMED_OUT, "the job's timeout ran out")]
 
+    def pause_job(self, project: str, job_id: str, now: float) -> Job:
+        with self.engine.begin() as conn:
+            # A job completing has no batch left to hold back (and its completion must see
+            # the status it ran with).
+            conn.execute(jobs.update().where(
+                jobs.c.id == job_id, jobs.c.project == project,
+                jobs.c.status.in_(_IN_PROGRESS), jobs.c.stage.in_(_ACTIVE_STAGES),
+                jobs.c.paused_at.is_(None),
+            ).values(status=JobStatus.PAUSED.value, paused_at=now))
+            job = _get_job(conn, project, job_id)
+        if job is None:
+            raise NotFound(f"No job found with id '{job_id}'.")
+        if job.paused_at is None:
+            raise Conflict(_no_control(job, "paused"))
+        return job
+
+    def resume_job(self, project: str, job_id: str) -> Job:
+        resumed = sa.case(
+            (jobs.c.stage != JobStage.ENQUEUE.value, JobStatus.RUNNING.value),
+            (jobs.c.started_at.is_(None), JobStatus.PENDING.value),
+            else_=JobStatus.ENQUEUING.value)
+        with self.engine.begin() as conn:
+            conn.execute(jobs.update().where(
+                jobs.c.id == job_id, jobs.c.project == project,
+                jobs.c.status == JobStatus.PAUSED.value,
+            ).values(status=resumed, paused_at=None))
+            # Every batch may have ended while it was paused: then it completes now.
+            _complete_if_drained(conn, job_id)
+            job = _get_job(conn, project, job_id)
+        if job is None:
+            raise NotFound(f"No job found with id '{job_id}'.")
+        if job.status.is_terminal:
+            raise Conflict(_no_control(job, "resumed"))
+        return job
+
     def list_job_batches(self, job_id: str, states: Collection[str] | None = None
                          ) -> list[JobBatch]:
         query = job_batches.select().where(job_batches.c.job_id == job_id)
@@ -186,14 +226,16 @@ class SqlJobStore(JobStore):
                         .where(job_batches.c.state.in_(OPEN_BATCH_STATES))
                         .group_by(job_batches.c.job_id).subquery())
         query = (sa.select(jobs.c.endpoint, jobs.c.deployment, jobs.c.stage, jobs.c.options,
-                           sa.func.coalesce(open_batches.c.n, 0).label("n"))
+                           jobs.c.paused_at, sa.func.coalesce(open_batches.c.n, 0).label("n"))
                  .outerjoin(open_batches, open_batches.c.job_id == jobs.c.id)
                  .where(jobs.c.stage != JobStage.DONE.value))
         demand: dict[str, int] = {}
         with self.engine.begin() as conn:
             for row in conn.execute(query):
-                limit = row.options.get("workers") or row.n
-                want = min(limit, row.n) + (0 if row.stage == JobStage.RUN.value else 1)
+                # A paused job's batches wait; those in flight have their workers.
+                n = 0 if row.paused_at is not None else row.n
+                limit = row.options.get("workers") or n
+                want = min(limit, n) + (0 if row.stage == JobStage.RUN.value else 1)
                 key = f"{row.endpoint}/{row.deployment}"
                 demand[key] = demand.get(key, 0) + want
         return demand
@@ -266,8 +308,11 @@ class SqlJobStore(JobStore):
 
     def finish_enqueue(self, lease: JobLease) -> bool:
         with self.engine.begin() as conn:
+            # A job paused while it was enqueued stays paused.
+            running = sa.case((jobs.c.paused_at.is_not(None), JobStatus.PAUSED.value),
+                              else_=JobStatus.RUNNING.value)
             if not self._job_phases.commit(conn, lease.job.id, lease.token, {
-                    "status": JobStatus.RUNNING.value, "stage": JobStage.RUN.value,
+                    "status": running, "stage": JobStage.RUN.value,
                     "phase_attempts": 0, "phase_error": None},
                     jobs.c.stage == lease.job.stage.value):
                 return False
@@ -349,7 +394,7 @@ class SqlJobStore(JobStore):
         candidate = (sa.select(job_batches.c.id, job_batches.c.job_id, workers.label("workers"))
                      .join(jobs, jobs.c.id == job_batches.c.job_id)
                      .where(self._job_batches.claimable(),
-                            jobs.c.stage.in_(_ACTIVE_STAGES),
+                            jobs.c.stage.in_(_ACTIVE_STAGES), jobs.c.paused_at.is_(None),
                             _of_deployments(deployments),
                             sa.or_(workers.is_(None), in_flight < workers))
                      # By priority, then the earliest deadline (none: last), then age.
@@ -514,7 +559,7 @@ def _end(conn: Connection, job_id: str, status: JobStatus, error: str | None) ->
     """A job in progress takes its terminal status; its queued batches are dropped."""
     result = conn.execute(jobs.update().where(
         jobs.c.id == job_id, jobs.c.status.in_(_IN_PROGRESS),
-    ).values(status=status.value, error=error, stage=sa.case(
+    ).values(status=status.value, error=error, paused_at=None, stage=sa.case(
         (jobs.c.stage.in_(_ACTIVE_STAGES), JobStage.COMPLETE.value), else_=jobs.c.stage)))
     if result.rowcount != 1:
         return False
@@ -524,11 +569,22 @@ def _end(conn: Connection, job_id: str, status: JobStatus, error: str | None) ->
     return True
 
 
+def _no_control(job: Job, action: str) -> str:
+    """Why `job` cannot be paused or resumed, in a sentence."""
+    if job.status.is_terminal:
+        return (f"The job has ended with status '{job.status.value}'; a job that has ended "
+                f"cannot be {action}.")
+    return (f"The job is completing (every batch has ended), so it can no longer be "
+            f"{action}.")
+
+
 def _complete_if_drained(conn: Connection, job_id: str) -> None:
     still_open = sa.exists().where(job_batches.c.job_id == job_id,
                                    job_batches.c.state.in_(OPEN_BATCH_STATES))
+    # A paused job completes once resumed, so that it completes as a running job does.
     conn.execute(jobs.update().where(
-        jobs.c.id == job_id, jobs.c.stage == JobStage.RUN.value, ~still_open,
+        jobs.c.id == job_id, jobs.c.stage == JobStage.RUN.value, jobs.c.paused_at.is_(None),
+        ~still_open,
     ).values(stage=JobStage.COMPLETE.value))
 
 

@@ -12,7 +12,9 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from batchery.model import webhooks
 from batchery.model.batches import (
     CANCELLABLE,
+    PAUSABLE,
     PHASE_STATUSES,
+    RUNNING,
     Batch,
     BatchError,
     BatchStatus,
@@ -22,10 +24,12 @@ from batchery.model.chunks import Chunk, ChunkLease, ChunkPart, ChunkSpec, Chunk
 from batchery.model.deployments import CONFIG, Deployment, Endpoint, pool_from_dict
 from batchery.model.exceptions import Conflict, NotFound
 from batchery.model.files import INTERNAL_PURPOSE_PREFIX, FileRecord
+from batchery.model.idempotency import IdempotencyKey
 from batchery.model.jobs import BatchState
 from batchery.ports.store import Page, PhaseLease, Store, WorkerInfo
 from batchery.stores.sql import engine as engines
 from batchery.stores.sql import migrate, tables
+from batchery.stores.sql.idempotency_store import SqlIdempotencyStore, take_key
 from batchery.stores.sql.job_store import SqlJobStore, deployment_row, endpoint_row
 from batchery.stores.sql.leases import Leases
 from batchery.stores.sql.log_store import SqlLogStore
@@ -45,7 +49,7 @@ from batchery.stores.sql.webhook_store import SqlWebhookStore, emit_event
 _OPEN_CHUNK_STATES = (ChunkState.QUEUED.value, ChunkState.LEASED.value)
 
 
-class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
+class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, Store):
     def __init__(self, engine: Engine, *, run_migrations: bool = True) -> None:
         self.engine = engine
         self._now = engines.db_now(engine)
@@ -128,9 +132,13 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
 
     # -- batches -----------------------------------------------------------------------
 
-    def insert_batch(self, batch: Batch) -> None:
+    def insert_batch(self, batch: Batch,
+                     key: IdempotencyKey | None = None) -> IdempotencyKey | None:
         with self.engine.begin() as conn:
+            if key is not None and (held := take_key(conn, key)) is not None:
+                return held
             conn.execute(batches.insert().values(**_batch_row(batch)))
+        return None
 
     def get_batch(self, project: str | None, batch_id: str) -> Batch | None:
         with self.engine.begin() as conn:
@@ -190,7 +198,7 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
                 batches.c.id == batch_id, batches.c.project == project,
                 batches.c.status.in_([s.value for s in CANCELLABLE]),
             ).values(status=BatchStatus.CANCELLING.value, cancelling_at=now,
-                     end_reason=EndReason.CANCELLED.value))
+                     end_reason=EndReason.CANCELLED.value, paused_at=None))
             batch = self._get_batch(conn, project, batch_id)
         if batch is None:
             raise NotFound(f"No batch found with id '{batch_id}'.")
@@ -202,12 +210,76 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
     def expire_due(self, now: int) -> int:
         with self.engine.begin() as conn:
             result = conn.execute(batches.update().where(
+                # A paused batch's window runs on: it expires like any other.
                 batches.c.status.in_([BatchStatus.VALIDATING.value,
-                                      BatchStatus.IN_PROGRESS.value]),
+                                      BatchStatus.IN_PROGRESS.value,
+                                      BatchStatus.PAUSED.value]),
                 batches.c.expires_at <= now,
             ).values(status=BatchStatus.FINALIZING.value, finalizing_at=now,
-                     end_reason=EndReason.EXPIRED.value))
+                     end_reason=EndReason.EXPIRED.value, paused_at=None))
             return result.rowcount
+
+    def pause_batch(self, project: str, batch_id: str, now: int) -> Batch:
+        with self.engine.begin() as conn:
+            # Validation is not held back: the batch is marked, and `start_batch` leaves
+            # it paused instead of in progress.
+            conn.execute(batches.update().where(
+                batches.c.id == batch_id, batches.c.project == project,
+                batches.c.status.in_([s.value for s in PAUSABLE]),
+                batches.c.paused_at.is_(None),
+            ).values(paused_at=now, status=sa.case(
+                (batches.c.status == BatchStatus.IN_PROGRESS.value, BatchStatus.PAUSED.value),
+                else_=batches.c.status)))
+            batch = self._get_batch(conn, project, batch_id)
+        if batch is None:
+            raise NotFound(f"No batch found with id '{batch_id}'.")
+        if batch.paused_at is None:
+            raise Conflict(_no_control("paused", batch.status))
+        return batch
+
+    def resume_batch(self, project: str, batch_id: str, now: int) -> Batch:
+        with self.engine.begin() as conn:
+            conn.execute(batches.update().where(
+                batches.c.id == batch_id, batches.c.project == project,
+                batches.c.paused_at.is_not(None),
+                batches.c.status.in_([s.value for s in PAUSABLE]),
+            ).values(paused_at=None, status=sa.case(
+                (batches.c.status == BatchStatus.PAUSED.value, BatchStatus.IN_PROGRESS.value),
+                else_=batches.c.status)))
+            batch = self._get_batch(conn, project, batch_id)
+            if batch is not None and batch.remote is None \
+                    and batch.status is BatchStatus.IN_PROGRESS:
+                # Every chunk may have ended while it was paused: then it is done now.
+                self._finalize_if_drained(conn, batch_id)
+                batch = self._get_batch(conn, project, batch_id)
+        if batch is None:
+            raise NotFound(f"No batch found with id '{batch_id}'.")
+        if batch.status.is_terminal:
+            raise Conflict(_no_control("resumed", batch.status))
+        return batch
+
+    def lines_ahead(self, priority: int) -> int:
+        # Paused batches wait for their owner, so they are not ahead of anyone; remote
+        # ones run at a provider, on no worker of ours.
+        left = sa.func.coalesce(sa.func.sum(sa.case(
+            (batches.c.total > batches.c.completed + batches.c.failed,
+             batches.c.total - batches.c.completed - batches.c.failed), else_=0)), 0)
+        query = sa.select(left).where(
+            batches.c.status.in_([BatchStatus.VALIDATING.value, BatchStatus.IN_PROGRESS.value]),
+            batches.c.priority >= priority, batches.c.remote.is_(None))
+        with self.engine.begin() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def recent_runs(self, since: int, limit: int = 500) -> list[Batch]:
+        c = batches.c
+        stopped = sa.func.coalesce(c.finalizing_at, c.cancelling_at, c.completed_at,
+                                   c.cancelled_at, c.expired_at, c.failed_at)
+        query = batches.select().where(
+            c.in_progress_at.is_not(None), c.remote.is_(None),
+            sa.or_(stopped.is_(None), stopped >= since),
+        ).order_by(c.in_progress_at.desc()).limit(limit)
+        with self.engine.begin() as conn:
+            return [_batch(r) for r in conn.execute(query).mappings()]
 
     # -- batch-level phases ------------------------------------------------------------
 
@@ -269,7 +341,7 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
                     remote: dict[str, Any] | None = None) -> bool:
         with self.engine.begin() as conn:
             if not self._phases.commit(conn, lease.batch.id, lease.token, {
-                    "status": BatchStatus.IN_PROGRESS.value, "in_progress_at": now,
+                    "status": _started_status(), "in_progress_at": now,
                     "total": total, "model": model, "input_key": input_key,
                     "remote": remote, "phase_attempts": 0, "phase_error": None},
                     batches.c.status == lease.batch.status.value):
@@ -310,6 +382,14 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
                  .order_by(chunk_parts.c.lo, chunk_parts.c.id))
         with self.engine.begin() as conn:
             return [_part(r) for r in conn.execute(query).mappings()]
+
+    def list_parts_after(self, batch_id: str, after_id: int,
+                         limit: int | None = None) -> list[tuple[int, ChunkPart]]:
+        query = (chunk_parts.select().where(chunk_parts.c.batch_id == batch_id,
+                                            chunk_parts.c.id > after_id)
+                 .order_by(chunk_parts.c.id).limit(limit))
+        with self.engine.begin() as conn:
+            return [(r["id"], _part(r)) for r in conn.execute(query).mappings()]
 
     def done_offsets(self, batch_id: str, start: int, end: int) -> set[int]:
         query = sa.select(chunk_parts.c.offsets).where(
@@ -364,9 +444,10 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
                           input_key=batch.input_key, expiries=row["expiries"])
 
     def _running(self, batch_id: str) -> sa.ColumnElement[bool]:
-        """The chunk's batch still wants its lines run (not cancelled, expired or failed)."""
+        """The chunk's batch still wants its lines run (not cancelled, expired or failed). A
+        paused one does: the chunks in hand when it was paused finish and commit."""
         return sa.exists().where(batches.c.id == batch_id,
-                                 batches.c.status == BatchStatus.IN_PROGRESS.value)
+                                 batches.c.status.in_([s.value for s in RUNNING]))
 
     def renew_chunk(self, lease: ChunkLease, lease_s: float) -> bool:
         with self.engine.begin() as conn:
@@ -375,7 +456,11 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
 
     def commit_part(self, lease: ChunkLease, part: ChunkPart) -> bool:
         with self.engine.begin() as conn:
-            return self._commit_part(conn, lease, part)
+            if not self._commit_part(conn, lease, part):
+                return False
+            if part.spent:
+                self._stop_at_ceiling(conn, lease.batch_id)
+            return True
 
     def _commit_part(self, conn: Connection, lease: ChunkLease, part: ChunkPart) -> bool:
         """Record answered lines, fenced by the chunk's lease (which it keeps). Progress
@@ -386,16 +471,35 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
             return False
         if not part.offsets:
             return True
-        conn.execute(chunk_parts.insert().values(
-            batch_id=lease.batch_id, chunk_id=lease.chunk_id, lo=min(part.offsets),
-            hi=max(part.offsets), offsets=list(part.offsets), n_ok=part.n_ok,
-            n_err=part.n_err, out_key=part.out_key, err_key=part.err_key))
         conn.execute(batches.update().where(batches.c.id == lease.batch_id).values(
             completed=batches.c.completed + part.n_ok,
             failed=batches.c.failed + part.n_err,
             input_tokens=batches.c.input_tokens + part.input_tokens,
-            output_tokens=batches.c.output_tokens + part.output_tokens))
+            output_tokens=batches.c.output_tokens + part.output_tokens,
+            cost=batches.c.cost + part.cost))
+        # The part goes in after the batch's row is locked by the update above: ids are
+        # then handed out in the order parts commit, so a reader paging a running batch's
+        # parts by id (`list_parts_after`) never passes one that commits later.
+        conn.execute(chunk_parts.insert().values(
+            batch_id=lease.batch_id, chunk_id=lease.chunk_id, lo=min(part.offsets),
+            hi=max(part.offsets), offsets=list(part.offsets), n_ok=part.n_ok,
+            n_err=part.n_err, out_key=part.out_key, err_key=part.err_key))
         return True
+
+    def _stop_at_ceiling(self, conn: Connection, batch_id: str) -> None:
+        """(extension) A batch whose spend reached a ceiling stops like a cancel, in the
+        transaction of the commit that got it there: its chunks' renewals fail from now on,
+        and its unrun lines are reported `budget_exceeded`. A batch whose last lines got it
+        there has nothing left to stop: it is finalizing already, and completes."""
+        used = batches.c.input_tokens + batches.c.output_tokens
+        crossed = sa.or_(
+            sa.and_(batches.c.max_total_tokens.is_not(None), used >= batches.c.max_total_tokens),
+            sa.and_(batches.c.max_cost.is_not(None), batches.c.cost >= batches.c.max_cost))
+        conn.execute(batches.update().where(
+            batches.c.id == batch_id, crossed,
+            batches.c.status.in_([BatchStatus.IN_PROGRESS.value, BatchStatus.PAUSED.value]),
+        ).values(status=BatchStatus.CANCELLING.value, cancelling_at=self._now_s,
+                 end_reason=EndReason.BUDGET_EXCEEDED.value, paused_at=None))
 
     def complete_chunk(self, lease: ChunkLease, part: ChunkPart | None = None) -> bool:
         with self.engine.begin() as conn:
@@ -405,6 +509,8 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
                                        {"state": ChunkState.DONE.value}):
                 return False
             self._finalize_if_drained(conn, lease.batch_id)
+            if part is not None and part.spent:
+                self._stop_at_ceiling(conn, lease.batch_id)
         return True
 
     def split_chunk(self, lease: ChunkLease, specs: Sequence[ChunkSpec],
@@ -523,6 +629,21 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, Store):
         with self.engine.begin() as conn:
             rows = conn.execute(workers.select().order_by(workers.c.started_at)).mappings()
             return [WorkerInfo(**dict(r)) for r in rows]
+
+
+def _started_status() -> sa.ColumnElement[Any]:
+    """What a batch becomes once validated: paused if a pause came while it validated."""
+    return sa.case((batches.c.paused_at.is_not(None), BatchStatus.PAUSED.value),
+                   else_=BatchStatus.IN_PROGRESS.value)
+
+
+def _no_control(action: str, status: BatchStatus) -> str:
+    """Why a batch with `status` cannot be paused or resumed, in a sentence."""
+    if status.is_terminal:
+        return (f"The batch has ended with status '{status.value}'; a batch that has ended "
+                f"cannot be {action}.")
+    return (f"The batch is '{status.value}': it is ending, so it can no longer be "
+            f"{action}.")
 
 
 def _emit_batch_event(conn: Connection, batch: Batch, status: BatchStatus, now: int) -> None:

@@ -32,9 +32,9 @@ def batch_object(batch: Batch) -> dict[str, Any]:
     usage = None
     if batch.status is BatchStatus.COMPLETED or batch.input_tokens or batch.output_tokens:
         usage = {"input_tokens": batch.input_tokens,
-                 "input_tokens_details": {"cached_tokens": 0},
+                 "input_tokens_details": {"cached_tokens": batch.cached_tokens},
                  "output_tokens": batch.output_tokens,
-                 "output_tokens_details": {"reasoning_tokens": 0},
+                 "output_tokens_details": {"reasoning_tokens": batch.reasoning_tokens},
                  "total_tokens": batch.input_tokens + batch.output_tokens}
     return {
         "id": batch.id, "object": "batch", "endpoint": batch.endpoint, "model": batch.model,

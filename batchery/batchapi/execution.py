@@ -51,6 +51,8 @@ class ChunkOutput:
     n_err: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
     #: Where each answered line starts in the input (or its index, without offsets).
     offsets: list[int] = field(default_factory=list)
     #: (extension) The tokens above by model, `model -> (input, output)`: each model's
@@ -65,9 +67,11 @@ class ChunkOutput:
         taken = ChunkOutput(render=self.render, out=self.out, err=self.err, n_ok=self.n_ok,
                             n_err=self.n_err, input_tokens=self.input_tokens,
                             output_tokens=self.output_tokens, offsets=self.offsets,
-                            by_model=self.by_model)
+                            by_model=self.by_model, cached_tokens=self.cached_tokens,
+                            reasoning_tokens=self.reasoning_tokens)
         self.out, self.err, self.offsets, self.by_model = bytearray(), bytearray(), [], {}
         self.n_ok = self.n_err = self.input_tokens = self.output_tokens = 0
+        self.cached_tokens = self.reasoning_tokens = 0
         return taken
 
     def add_all(self, custom_ids: Iterable[str], replies: Iterable[Reply],
@@ -76,7 +80,7 @@ class ChunkOutput:
         tallies stay in locals until the end)."""
         self.offsets.extend(offsets)
         render, out, err = self.render, self.out, self.err
-        n_ok = n_err = input_tokens = output_tokens = 0
+        n_ok = n_err = input_tokens = output_tokens = cached = reasoning = 0
         for custom_id, reply in zip(custom_ids, replies, strict=True):
             line = render(custom_id, reply, model)
             if reply.ok:
@@ -89,6 +93,10 @@ class ChunkOutput:
                                                    usage.get("input_tokens")))
                     output_tokens += _int(usage.get("completion_tokens",
                                                     usage.get("output_tokens")))
+                    cached += _detail(usage, "prompt_tokens_details", "input_tokens_details",
+                                      "cached_tokens")
+                    reasoning += _detail(usage, "completion_tokens_details",
+                                         "output_tokens_details", "reasoning_tokens")
             else:
                 err += line
                 n_err += 1
@@ -96,13 +104,22 @@ class ChunkOutput:
         self.n_err += n_err
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
+        self.cached_tokens += cached
+        self.reasoning_tokens += reasoning
         if input_tokens or output_tokens:
             before = self.by_model.get(str(model), (0, 0))
             self.by_model[str(model)] = (before[0] + input_tokens, before[1] + output_tokens)
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _detail(usage: dict[str, Any], chat: str, responses: str, name: str) -> int:
+    """A count inside the usage's details: chat spells the details object one way,
+    Responses the other."""
+    details = usage.get(chat, usage.get(responses))
+    return _int(details.get(name)) if isinstance(details, dict) else 0
 
 
 

@@ -387,6 +387,8 @@ class _Commits:
         return ChunkPart(n_ok=output.n_ok, n_err=output.n_err, out_key=out_key,
                          err_key=err_key, offsets=tuple(output.offsets),
                          input_tokens=output.input_tokens, output_tokens=output.output_tokens,
+                         cached_tokens=output.cached_tokens,
+                         reasoning_tokens=output.reasoning_tokens,
                          cost=cost)
 
     def commit(self, output: execution.ChunkOutput) -> bool:

@@ -163,5 +163,9 @@ class Batch:
     max_total_tokens: int | None = None
     #: (extension) What the lines finished so far cost, at the deployments' prices.
     cost: float = 0.0
+    #: Of `input_tokens`, those the model read from its cache; of `output_tokens`, those
+    #: it spent reasoning (as the upstreams report them; 0 where they do not).
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
     #: (extension) Things the caller should know (no live worker, a window it may miss).
     warnings: list[str] | None = None

@@ -74,6 +74,9 @@ class ChunkPart:
     offsets: tuple[int, ...]
     input_tokens: int = 0
     output_tokens: int = 0
+    #: Of those, the input tokens read from a cache, and the output tokens spent reasoning.
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
     #: (extension) What these lines cost, in US dollars at their deployments' prices.
     cost: float = 0.0
 

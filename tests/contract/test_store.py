@@ -1160,3 +1160,14 @@ def test_failed_phase_tries_are_counted_and_success_starts_again(store: Store) -
     fourth = claim_phase(store, batch.id, LONG)
     assert fourth.attempts == 1
     assert not store.renew_phase(third, LONG)
+
+
+def test_parts_add_their_usage_details_to_the_batch(store: Store) -> None:
+    batch = started_batch(store, 1)
+    lease = claim_chunk(store)
+    part = ChunkPart(n_ok=2, n_err=0, out_key="parts/d.out", err_key=None, offsets=(0, 1),
+                     input_tokens=20, output_tokens=8, cached_tokens=6, reasoning_tokens=3)
+    assert store.commit_part(lease, part)
+    assert store.commit_part(lease, replace(part, offsets=(2,), out_key="parts/e"))
+    got = get_batch(store, batch.id)
+    assert (got.input_tokens, got.cached_tokens, got.reasoning_tokens) == (40, 12, 6)

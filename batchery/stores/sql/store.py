@@ -476,6 +476,8 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, S
             failed=batches.c.failed + part.n_err,
             input_tokens=batches.c.input_tokens + part.input_tokens,
             output_tokens=batches.c.output_tokens + part.output_tokens,
+            cached_tokens=batches.c.cached_tokens + part.cached_tokens,
+            reasoning_tokens=batches.c.reasoning_tokens + part.reasoning_tokens,
             cost=batches.c.cost + part.cost))
         # The part goes in after the batch's row is locked by the update above: ids are
         # then handed out in the order parts commit, so a reader paging a running batch's
@@ -682,7 +684,8 @@ _BATCH_FIELDS = ("id", "project", "endpoint", "input_file_id", "completion_windo
                  "cancelling_at", "cancelled_at", "total", "completed", "failed",
                  "input_tokens", "output_tokens", "metadata", "input_key",
                  "chunk_size", "max_tasks", "unrun", "remote", "webhook_url", "priority",
-                 "paused_at", "retry_of", "max_cost", "max_total_tokens", "cost", "warnings")
+                 "paused_at", "retry_of", "max_cost", "max_total_tokens", "cost", "warnings",
+                 "cached_tokens", "reasoning_tokens")
 
 
 def _batch_row(batch: Batch) -> dict[str, Any]:

@@ -67,6 +67,8 @@ batches = sa.Table(
     sa.Column("max_total_tokens", sa.BigInteger, nullable=True),
     sa.Column("cost", sa.Float, nullable=False, server_default="0"),
     sa.Column("warnings", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("cached_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("reasoning_tokens", sa.BigInteger, nullable=False, server_default="0"),
     sa.Index("ix_batches_project_seq", "project", "seq"),
     sa.Index("ix_batches_status", "status"),
 )

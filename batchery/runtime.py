@@ -10,13 +10,14 @@ from typing import Any
 
 import yaml
 
-from batchery import backends
+from batchery import backends, doorbells
 from batchery.backends import defaults
 from batchery.batchapi.message_batches import MAX_REQUESTS, MessageBatchService
 from batchery.batchapi.service import BatchService
 from batchery.filestores.fsspec_store import FsspecFileStore
 from batchery.jobs.service import JobService
 from batchery.model import deployments
+from batchery.ports.doorbell import Doorbell, Silent
 from batchery.security import deployment_policy, secrets, trust
 from batchery.settings import Settings
 from batchery.stores.sql.store import SqlStore
@@ -31,8 +32,11 @@ class Runtime:
     message_batches: MessageBatchService
     jobs: JobService
     policy: trust.TrustPolicy
+    #: Rung by the API when it made work, so that idle workers start on it at once.
+    doorbell: Doorbell = dataclasses.field(default_factory=Silent)
 
     def close(self) -> None:
+        self.doorbell.close()
         self.store.close()
 
 
@@ -60,6 +64,7 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
             for d in catalog.deployments], catalog.endpoints)
     files = FsspecFileStore(settings.file_store_url)
     return Runtime(settings=settings, store=store, files=files, policy=policy,
+                   doorbell=doorbells.for_store(settings.db_url, settings.data_dir),
                    service=BatchService(store, files, chunk_size=settings.chunk_size,
                                         max_tasks=settings.max_tasks),
                    message_batches=MessageBatchService(

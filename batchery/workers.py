@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from batchery.batchapi.handlers import BatchPhases, ChunkRunner, Deployments
 from batchery.jobs.runner import JobRunner
+from batchery.ports.doorbell import Doorbell
 from batchery.ports.filestore import FileStore
 from batchery.ports.store import Store
 from batchery.ports.webhooks import WebhookOutbox
@@ -51,7 +52,8 @@ def handlers(store: Store, files: FileStore, ctx: WorkerContext) -> Sequence[Han
 
 
 def worker(store: Store, files: FileStore, config: WorkerConfig | None = None, *,
-           worker_id: str | None = None) -> Worker:
-    """A worker running every kind of work `config` asks for, on `store` and `files`."""
+           worker_id: str | None = None, doorbell: Doorbell | None = None) -> Worker:
+    """A worker running every kind of work `config` asks for, on `store` and `files`;
+    idle, it waits on `doorbell` (if any) between polls."""
     return Worker(store, lambda ctx: handlers(store, files, ctx), config,
-                  worker_id=worker_id)
+                  worker_id=worker_id, doorbell=doorbell)

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchery import __version__, ui
 from batchery.api import bodies, errors, metrics
+from batchery.api.doorbell import RingOnWork
 from batchery.api.responses import JSONResponse
 from batchery.api.routes import (
     azure,
@@ -101,4 +102,5 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None,
     ui.install(app)  # the dashboard at /ui, `/` -> /ui, and the offline /docs
     metrics.install(app, runtime.store)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RingOnWork, doorbell=runtime.doorbell)
     return app

@@ -20,7 +20,7 @@ from rich.markup import escape
 from batchery import backends
 from batchery.cli.options import ChunkSize, DatabaseUrl, DataDir, FilesUrl, LeaseSeconds, MaxTasks
 from batchery.model.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
-from batchery.model.deployments import API, WorkerPoolSpec
+from batchery.model.deployments import API, Resources, WorkerPoolSpec, widest
 from batchery.model.exceptions import ConfigError
 from batchery.model.leases import DEFAULT_LEASE_S
 from batchery.ports.store import Store
@@ -180,11 +180,19 @@ DEFAULT_JOB_POOL = WorkerPoolSpec(min=0, max=1, idle_seconds=120.0)
 BATCH_POOL = "batches"
 
 
-def batch_pool(size: int) -> PoolPlan:
+def batch_pool(size: int, resources: Resources | None = None) -> PoolPlan:
     """The worker processes of `batchery serve` that run the OpenAI and Anthropic batches:
-    a fixed number, replaced when they die."""
+    a fixed number, replaced when they die. Each may run any deployment's lines, so on a
+    cluster each needs the most that a batch deployment declares (`batch_resources`)."""
     return PoolPlan(name=BATCH_POOL, minimum=size, maximum=size, demand=size,
-                    args=("--no-jobs",))
+                    args=("--no-jobs",), resources=resources, version=resources)
+
+
+def batch_resources(store: Store) -> Resources | None:
+    """The widest `resources` of the deployments that batches run (not those of jobs)."""
+    return widest(d.workers.resources for d in store.list_deployments()
+                  if d.workers and d.workers.resources and not d.alias_of
+                  and not backends.serves_jobs(d.backend))
 
 
 def job_pools(store: Store) -> list[PoolPlan]:
@@ -212,7 +220,8 @@ def supervisor(settings: Settings, store: Store, log_level: str, *, batch_worker
     """The pools of `batchery serve`: its batch workers and, unless the API runs alone
     (`--workers 0`), the pools of the deployments that serve jobs."""
     def plan() -> list[PoolPlan]:
-        return [batch_pool(batch_workers), *(job_pools(store) if batch_workers else [])]
+        wanted = batch_resources(store) if executor is not None else None
+        return [batch_pool(batch_workers, wanted), *(job_pools(store) if batch_workers else [])]
 
     return Supervisor(lambda args: _spawn_worker(settings, log_level, *args), plan,
                       cap=policy.limits.max_api_pool_processes, executor=executor)
@@ -246,7 +255,7 @@ def worker(
         lease_seconds=lease_seconds, grace_seconds=grace_seconds, jobs=jobs, batches=batches,
         deployment=deployment, idle_exit=idle_exit)
     runtime = open_runtime(settings)
-    the_worker = new_worker(runtime.store, runtime.files, config)
+    the_worker = new_worker(runtime.store, runtime.files, config, doorbell=runtime.doorbell)
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
         the_worker.stop()

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from batchery.model.leases import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS
 from batchery.model.retry import RetryPolicy
+from batchery.ports.doorbell import Doorbell
 from batchery.ports.store import WorkerInfo
 
 log = logging.getLogger("batchery.worker")
@@ -99,9 +100,12 @@ class Worker:
     """Don't run more than one Worker per process: backends hold one model each."""
 
     def __init__(self, registry: Reporter, handlers: HandlerFactory,
-                 config: WorkerConfig | None = None, *, worker_id: str | None = None) -> None:
+                 config: WorkerConfig | None = None, *, worker_id: str | None = None,
+                 doorbell: Doorbell | None = None) -> None:
         self.registry = registry
         self.config = config or WorkerConfig()
+        #: Rung when there is new work: an idle worker wakes at once, not at its next poll.
+        self.doorbell = doorbell
         self.info = WorkerInfo(
             id=worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}",
             host=socket.gethostname(), pid=os.getpid(), state="starting",
@@ -151,6 +155,8 @@ class Worker:
                 except Exception:
                     log.exception("closing %s failed", type(handler).__name__)
             self._runner.close()
+            if self.doorbell is not None:
+                self.doorbell.close()
             log.info("worker %s stopped", self.info.id)
 
     def _idle_too_long(self) -> bool:
@@ -158,6 +164,9 @@ class Worker:
         return limit is not None and time.monotonic() - self._last_work > limit
 
     def _idle(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.wait(self.config.poll_s)
+            return
         deadline = time.monotonic() + self.config.poll_s
         while not self.stopping and time.monotonic() < deadline:
             time.sleep(min(0.05, self.config.poll_s))

@@ -334,6 +334,7 @@ def _assemble(files: FileStore, batch: Batch, kind: str, now: int,
     """Write a result file; returns its record, or None (and no blob) when it is empty."""
     file_id = ids.file_id()
     key = f"files/{file_id}"
+    _note_result(files, batch.id, kind, key)
     with files.open_write(key) as out:
         write(out)
     size = files.size(key)
@@ -345,6 +346,23 @@ def _assemble(files: FileStore, batch: Batch, kind: str, now: int,
     return FileRecord(id=file_id, project=batch.project, filename=f"batch_{batch.id}_{kind}.jsonl",
                       purpose=purpose.value, bytes=size, created_at=now, expires_at=None,
                       storage_key=key)
+
+
+def _note_result(files: FileStore, batch_id: str, kind: str, key: str) -> None:
+    """Note the result file about to be written where the next worker to assemble this
+    batch's results looks, and delete the one an earlier worker noted: that worker died
+    (or lost its lease) before the commit that would have named it, so no record ever
+    will. The note lies among the batch's parts, deleted once the batch has ended."""
+    note = f"{parts_prefix(batch_id)}/assembling.{kind}"
+    try:
+        with files.open_read(note) as stream:
+            earlier = stream.read().decode()
+    except FileNotFoundError:
+        earlier = ""
+    if earlier and earlier != key:
+        files.delete(earlier)
+    with files.open_write(note) as out:
+        out.write(key.encode())
 
 
 def _keys(chunks: list[Chunk], attr: str) -> list[str]:

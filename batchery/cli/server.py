@@ -113,7 +113,11 @@ def serve(
     if ray_address:
         from batchery.cli import ray_pools
 
-        executor = ray_pools.executor(ray_address, settings, log_level, runtime)
+        try:
+            executor = ray_pools.executor(ray_address, settings, log_level, runtime)
+        except typer.Exit:
+            runtime.close()
+            raise
     # Jobs run on each deployment's own pool; `--workers 0` means the API alone.
     pools = supervisor(settings, runtime.store, log_level, batch_workers=size,
                        policy=runtime.policy, executor=executor)

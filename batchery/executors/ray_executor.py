@@ -151,10 +151,10 @@ class ActorProcess:
             return 0
         except ray.exceptions.RayActorError as exc:
             if not self._killed:
-                log.warning("Ray actor %s died: %s", self.name, _first_line(exc))
+                log.warning("Ray actor %s died: %s", self.name, _gist(exc))
             return DIED
         except ray.exceptions.RayError as exc:
-            log.warning("the worker of Ray actor %s failed: %s", self.name, _first_line(exc))
+            log.warning("the worker of Ray actor %s failed: %s", self.name, _gist(exc))
             return 1
 
     def send_signal(self, sig: int) -> None:
@@ -181,7 +181,8 @@ def _ready(ref: Any) -> bool:
     return bool(ray.wait([ref], timeout=0)[0])
 
 
-def _first_line(exc: BaseException) -> str:
+def _gist(exc: BaseException) -> str:
+    """The last line of Ray's message, which says why (killed, its node died, an error)."""
     text = str(exc).strip()
     return text.splitlines()[-1] if text else type(exc).__name__
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,25 @@ class Resources:
                                  for key in ("num_cpus", "num_gpus", "memory")
                                  if getattr(self, key) is not None}
         return found | ({"custom": dict(self.custom)} if self.custom else {})
+
+
+def widest(found: Iterable[Resources]) -> Resources | None:
+    """What a worker that may run any of several deployments needs: the most of each
+    resource that one of them asks for (None if none asks for anything)."""
+    items = list(found)
+    if not items:
+        return None
+
+    def most(key: str) -> Any:
+        values = [getattr(r, key) for r in items if getattr(r, key) is not None]
+        return max(values) if values else None
+
+    custom: dict[str, float] = {}
+    for r in items:
+        for name, amount in r.custom.items():
+            custom[name] = max(amount, custom.get(name, 0.0))
+    return Resources(num_cpus=most("num_cpus"), num_gpus=most("num_gpus"),
+                     memory=most("memory"), custom=custom)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

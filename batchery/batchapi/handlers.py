@@ -243,7 +243,9 @@ class ChunkRunner:
         spec = lease.spec
         data = self.files.read_range(lease.input_key, spec.start_offset, spec.end_offset)
         lines = execution.lines_at(data, spec.start_offset)
-        done = self.store.done_offsets(lease.batch_id, spec.start_offset, spec.end_offset)
+        # A chunk no lease has answered a line of needs no look at the parts.
+        done = (self.store.done_offsets(lease.batch_id, spec.start_offset, spec.end_offset)
+                if lease.answered else set())
         todo = [(o, raw) for o, raw in lines if o not in done]
         if not todo:
             self._complete(lease, None)

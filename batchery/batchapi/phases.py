@@ -110,6 +110,9 @@ def validate(store: PhaseStore, files: FileStore, lease: PhaseLease, lost: Calla
 
 #: A batch is cut into at least this many chunks per live worker, when it has the lines.
 CHUNKS_PER_WORKER = 4
+#: ...but not chunks under this many lines, unless each worker needs one: every chunk costs
+#: a few store round trips, which a small batch's latency feels.
+MIN_SPREAD_CHUNK = 25
 #: Small batches are cut again finer only while their input is at most this big.
 _RECUT_MAX_BYTES = 64 << 20
 def live_workers(store: PhaseStore) -> int:
@@ -121,7 +124,9 @@ def spread(files: FileStore, key: str, chunks: list[ChunkSpec], chunk_size: int,
     """Chunks small enough that every live worker gets a share of a small batch (and
     progress moves in small steps); the configured chunk size stays the ceiling."""
     total = sum(c.n_lines for c in chunks)
-    size = max(1, min(chunk_size, -(-total // (max(1, workers) * CHUNKS_PER_WORKER))))
+    workers = max(1, workers)
+    size = max(MIN_SPREAD_CHUNK, -(-total // (workers * CHUNKS_PER_WORKER)))
+    size = max(1, min(chunk_size, size, -(-total // workers)))
     if not chunks or size >= chunk_size or \
             chunks[-1].end_offset - chunks[0].start_offset > _RECUT_MAX_BYTES:
         return chunks

@@ -59,6 +59,8 @@ class ChunkLease:
     input_key: str
     #: Leases of this chunk that ran out in a row, without progress (workers that died).
     expiries: int = 0
+    #: Lines of its range answered already (committed in parts by earlier leases).
+    answered: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -441,7 +441,8 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, S
         row = claimed.row
         return ChunkLease(chunk_id=claimed.key, batch_id=row["batch_id"], token=claimed.token,
                           spec=_spec(row), attempts=row["attempts"], endpoint=batch.endpoint,
-                          input_key=batch.input_key, expiries=row["expiries"])
+                          input_key=batch.input_key, expiries=row["expiries"],
+                          answered=row["n_ok"] + row["n_err"])
 
     def _running(self, batch_id: str) -> sa.ColumnElement[bool]:
         """The chunk's batch still wants its lines run (not cancelled, expired or failed). A

@@ -157,6 +157,7 @@ class BatchPhases:
         if batch.status is BatchStatus.VALIDATING:
             phases.validate(self.store, self.files, lease, lost, backends.remote_endpoints,
                             backends.endpoints_of)
+            self.ctx.ring()  # its chunks are queued now: wake the idle workers
         elif batch.remote is not None:
             self._advance_remote(lease)
         else:

@@ -70,7 +70,10 @@ def dump(value: Any) -> bytes:
 
 
 def enqueue(store: JobPhaseQueue, files: FileStore, lease: JobLease,
-            lost: Callable[[], bool], log: JobLog, *, resolve: Resolver | None = None) -> None:
+            lost: Callable[[], bool], log: JobLog, *, resolve: Resolver | None = None,
+            on_batches: Callable[[], None] = lambda: None) -> None:
+    """Cut the job's input into batches. `on_batches` is called as each segment's batches
+    are queued (workers may start on them while enqueuing goes on)."""
     job = lease.job
     size = job.input.batch_size
     index, first = job.total_batch_count, job.total_items
@@ -91,10 +94,12 @@ def enqueue(store: JobPhaseQueue, files: FileStore, lease: JobLease,
         index, first = index + 1, first + len(batch)
         if len(specs) >= SEGMENT_BATCHES or len(segment) >= SEGMENT_BYTES:
             _flush(store, files, lease, segment, specs, lost)
+            on_batches()
             log.write(job.id, "INFO", f"enqueued {index} batches")
             segment, specs = bytearray(), []
     if specs:
         _flush(store, files, lease, segment, specs, lost)
+        on_batches()
     if index == 0:
         raise EnqueueError("the input holds no items")
     if not store.finish_enqueue(lease):

@@ -162,7 +162,8 @@ class JobRunner:
     def _enqueue(self, lease: JobLease, lost: Callable[[], bool]) -> None:
         try:
             enqueue.enqueue(self.store, self.files, lease, lost, self.joblog,
-                            resolve=enqueue.resolver(self.store, self.files, lease.job))
+                            resolve=enqueue.resolver(self.store, self.files, lease.job),
+                            on_batches=self.ctx.ring)
         except LeaseLost:
             raise
         except Exception as exc:

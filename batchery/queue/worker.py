@@ -77,6 +77,8 @@ class WorkerContext:
     runner: asyncio.Runner
     #: Count one more unit of work done, for the workers listing.
     done: Callable[[], None]
+    #: Tell the other idle workers there is new work (a batch validated, a job enqueued).
+    ring: Callable[[], None] = lambda: None
 
 
 class Handler(Protocol):
@@ -119,7 +121,8 @@ class Worker:
         self.context = WorkerContext(id=self.info.id, host=self.info.host, pid=self.info.pid,
                                      config=self.config, overdue=self._overdue,
                                      report=self._report, runner=self._runner,
-                                     done=self._count_done)
+                                     done=self._count_done,
+                                     ring=doorbell.ring if doorbell else lambda: None)
         self.handlers = list(handlers(self.context))
 
     # -- lifecycle ---------------------------------------------------------------------

@@ -65,6 +65,7 @@ class Deployments:
         self.store = store
         self._backends: dict[str, ModelBackend] = {}
         self._usable: dict[str, Deployment] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
 
     def find(self, name: str, project: str | None) -> Deployment | None:
         found = next((d for d in self.store.list_deployments() if d.name == name), None)
@@ -82,10 +83,14 @@ class Deployments:
         backend = self._backends.get(model)
         if backend is not None:
             return backend
-        backend = backends.create(deployment)
-        await backend.start()
-        self._backends[model] = backend
-        log.info("loaded deployment %s (backend %s)", model, deployment.backend)
+        # A chunk's slices ask for their model together: one loads it, the others wait.
+        async with self._loading.setdefault(model, asyncio.Lock()):
+            backend = self._backends.get(model)
+            if backend is None:
+                backend = backends.create(deployment)
+                await backend.start()
+                self._backends[model] = backend
+                log.info("loaded deployment %s (backend %s)", model, deployment.backend)
         return backend
 
     def cost(self, by_model: dict[str, tuple[int, int]], project: str | None) -> float:

@@ -167,3 +167,16 @@ def _lines(store: SqlStore, files: FsspecFileStore, file_id: str) -> list[dict[s
     assert record is not None
     with files.open_read(record.storage_key) as stream:
         return [orjson.loads(x) for x in stream.read().splitlines()]
+
+
+def test_a_chunks_slices_load_their_model_once(
+        store: SqlStore, files: FsspecFileStore, caplog: pytest.LogCaptureFixture) -> None:
+    """The slices of a chunk run together and all ask for the model at once: one worker
+    loads it once (a second load would hold the model twice in memory)."""
+    batch_id = _new_batch(store, files, 200)
+    with _worker(store, files) as worker, caplog.at_level(logging.INFO, "batchery.worker"):
+        _drain(worker, store, batch_id)
+    done = store.get_batch(PROJECT, batch_id)
+    assert done is not None and done.status is BatchStatus.COMPLETED
+    loads = [r for r in caplog.records if r.getMessage().startswith("loaded deployment echo")]
+    assert len(loads) == 1

@@ -22,7 +22,6 @@ import sqlalchemy as sa
 from openai import OpenAI
 
 from tests.acceptance.engine_support import (
-    DATABASES,
     LEASE_S,
     Database,
     Workers,
@@ -42,7 +41,6 @@ from tests.acceptance.engine_support import (
     wait_batch,
     write_config,
 )
-from tests.acceptance.engine_support import database as database_of
 from tests.acceptance.jobs_support import Jobs
 from tests.conftest import Server
 from tests.helpers import chat_file, chat_line, jsonl
@@ -52,16 +50,6 @@ pytestmark = pytest.mark.slow
 PREDICTORS = Path(__file__).resolve().parent.parent / "predictors"
 
 
-@pytest.fixture(params=DATABASES)
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
-    return database_of(request, tmp_path)
-
-
-@pytest.fixture
-def workers_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "workers"
-    path.mkdir()
-    return path
 
 
 # -- looking into the store ----------------------------------------------------------

@@ -22,9 +22,7 @@ from openai import OpenAI
 import batchery
 import batchery.client
 from tests.acceptance.engine_support import (
-    DATABASES,
     Database,
-    database,
     file_lines,
     python,
     serve,
@@ -51,10 +49,6 @@ ENDPOINTS = [{"name": "ep", "deployments": [
     {**python("v1"), "workers": {"min": 0, "max": 1, "idle_seconds": 3}}]}]
 KEY = "Idempotency-Key"
 
-
-@pytest.fixture(params=DATABASES)
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
-    return database(request, tmp_path)
 
 
 @pytest.fixture

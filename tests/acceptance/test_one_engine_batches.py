@@ -17,12 +17,10 @@ import pytest
 from openai import OpenAI
 
 from tests.acceptance.engine_support import (
-    DATABASES,
     LEASE_S,
     Database,
     Workers,
     custom_ids,
-    database,
     echo,
     file_lines,
     live_workers,
@@ -38,16 +36,6 @@ from tests.helpers import chat_file, chat_line, jsonl
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=DATABASES)
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
-    return database(request, tmp_path)
-
-
-@pytest.fixture
-def workers_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "workers"
-    path.mkdir()
-    return path
 
 
 @pytest.fixture

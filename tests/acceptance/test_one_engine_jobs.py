@@ -15,10 +15,8 @@ import orjson
 import pytest
 
 from tests.acceptance.engine_support import (
-    DATABASES,
     LEASE_S,
     Database,
-    database,
     python,
     serve,
     sigkill,
@@ -32,10 +30,6 @@ pytestmark = pytest.mark.slow
 #: Two pool workers, always there: a dead one is replaced while the job has work.
 POOL = {"min": 2, "max": 2, "idle_seconds": 30}
 
-
-@pytest.fixture(params=DATABASES)
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
-    return database(request, tmp_path)
 
 
 @pytest.fixture

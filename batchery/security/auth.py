@@ -318,6 +318,7 @@ def add_key(path: Path, project: str, *, role: Role | str = Role.MEMBER,
     if name is not None:
         check_name(name, "name")
     key = new_key()
+    path.parent.mkdir(parents=True, exist_ok=True)  # a new keys file may start a new folder
     with _locked(path):
         entries = read_keys(path) if path.exists() else []
         taken = {e.name for e in entries}

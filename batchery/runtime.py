@@ -58,10 +58,16 @@ def open_runtime(settings: Settings, *, publish_deployments: bool = False) -> Ru
             if not user_code:  # user code loads in workers only
                 backends.check(deployment)
         box = secrets.SecretBox.from_env()
-        store.set_deployments([
-            dataclasses.replace(d, options=secrets.seal_options(
-                d.options, box, f"deployment '{d.name}' options"))
-            for d in catalog.deployments], catalog.endpoints)
+        sealed = [dataclasses.replace(d, options=secrets.seal_options(
+            d.options, box, f"deployment '{d.name}' options")) for d in catalog.deployments]
+        try:  # one owner per declaration: another live server's are not replaced
+            for note in store.publish_config(sealed, catalog.endpoints,
+                                             settings.server_identity(),
+                                             take_over=settings.take_over):
+                logging.getLogger("batchery").warning("%s", note)
+        except Exception:
+            store.close()
+            raise
     files = FsspecFileStore(settings.file_store_url)
     return Runtime(settings=settings, store=store, files=files, policy=policy,
                    doorbell=doorbells.for_store(settings.db_url, settings.data_dir),

@@ -59,6 +59,8 @@ def baseline(path: Path, batch_size: int) -> None:
     """Runs in its own process: prints seconds, rows and peak RSS (MB)."""
     from pyarrow import csv
 
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = usage.ru_utime + usage.ru_stime
     started = time.perf_counter()
     rows, pending = 0, []
     with path.open("rb") as stream:
@@ -70,8 +72,9 @@ def baseline(path: Path, batch_size: int) -> None:
                     rows += len(pending)
                     pending = []
     rows += len(pending)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{time.perf_counter() - started} {rows} {peak_mb}")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"{time.perf_counter() - started} {rows} {usage.ru_maxrss / 1024} "
+          f"{usage.ru_utime + usage.ru_stime - cpu_before}")
 
 
 def _tree(root: int) -> list[int]:
@@ -89,6 +92,26 @@ def _tree(root: int) -> list[int]:
         found += children
         frontier = children
     return found
+
+
+def _cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) the process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _name(pid: int) -> str:
+    """What a process of the server's tree is: `serve`, `worker` or a pool's worker."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return "?"
+    if "serve" in args:
+        return "serve"
+    return "pool-worker" if "--deployment" in args else "batch-worker"
 
 
 def _rss_mb(pid: int) -> float:
@@ -116,9 +139,12 @@ def run_job(path: Path, batch_size: int, work: Path) -> dict[str, Any]:
          "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/api/v1"
     peaks: dict[int, float] = {}
+    cpu: dict[int, float] = {}
+    names: dict[int, str] = {}
     peak_sum = 0.0
     try:
         _wait_up(base)
+        before = {pid: _cpu_s(pid) or 0.0 for pid in _tree(server.pid)}
         started = time.perf_counter()
         job = httpx.post(f"{base}/endpoints/bench/jobs", timeout=600, json={
             "delimited_files": {"paths": [str(path)], "batch_size": batch_size},
@@ -127,6 +153,11 @@ def run_job(path: Path, batch_size: int, work: Path) -> dict[str, Any]:
         while True:
             pids = _tree(server.pid)
             sizes = {pid: _rss_mb(pid) for pid in pids}
+            for pid in pids:
+                used = _cpu_s(pid)
+                if used is not None:
+                    cpu[pid] = max(cpu.get(pid, 0.0), used)
+                    names.setdefault(pid, _name(pid))
             for pid, size in sizes.items():
                 peaks[pid] = max(peaks.get(pid, 0.0), size)
             peak_sum = max(peak_sum, sum(sizes.values()))
@@ -142,7 +173,10 @@ def run_job(path: Path, batch_size: int, work: Path) -> dict[str, Any]:
                 "server_mb": peaks.get(server.pid, 0.0),
                 "worker_mb": sorted((v for p, v in peaks.items() if p != server.pid),
                                     reverse=True),
-                "sum_mb": peak_sum}
+                "sum_mb": peak_sum,
+                "cpu_s": sum(used - before.get(pid, 0.0) for pid, used in cpu.items()),
+                "cpu_by_process": {f"{names.get(pid, '?')} {pid}": round(
+                    used - before.get(pid, 0.0), 1) for pid, used in cpu.items()}}
     finally:
         for pid in reversed(_tree(server.pid)):
             with_signal(pid, signal.SIGTERM)
@@ -177,12 +211,14 @@ def measure(size_gb: float, batch_size: int, work: Path) -> dict[str, Any]:
     out = subprocess.run([sys.executable, __file__, "--baseline-only", str(path),
                           "--batch-size", str(batch_size)], capture_output=True, text=True,
                          check=True).stdout.split()
-    base_s, base_rows, base_mb = float(out[0]), int(out[1]), float(out[2])
+    base_s, base_rows, base_mb, base_cpu = float(out[0]), int(out[1]), float(out[2]), \
+        float(out[3])
     assert base_rows == rows
     job = run_job(path, batch_size, work / f"job-{size_gb:g}")
     assert job["status"] == "succeeded" and job["rows"] == rows, job
     path.unlink()
-    return {"size_mb": size_mb, "rows": rows, "base_s": base_s, "base_mb": base_mb, **job}
+    return {"size_mb": size_mb, "rows": rows, "base_s": base_s, "base_mb": base_mb,
+            "base_cpu": base_cpu, **job}
 
 
 def main() -> None:
@@ -203,16 +239,20 @@ def main() -> None:
     try:
         sizes = ([0.25] if args.compare_small else []) + [args.size_gb]
         print("| file | rows | baseline s | Batchery s (enqueue done at) | ratio | "
-              "baseline peak RSS | server peak | worker peaks | all processes peak |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "baseline CPU s | Batchery CPU s (all processes) | baseline peak RSS | "
+              "server peak | worker peaks | all processes peak |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for size in sizes:
             r = measure(size, args.batch_size, work)
             workers = ", ".join(f"{m:.0f}" for m in r["worker_mb"])
             print(f"| {r['size_mb']:.0f} MB | {r['rows']:,} | {r['base_s']:.1f} | "
                   f"{r['seconds']:.1f} ({r['enqueue_s']:.1f}) | "
-                  f"{r['base_s'] / r['seconds']:.3f} | {r['base_mb']:.0f} MB | "
+                  f"{r['base_s'] / r['seconds']:.3f} | {r['base_cpu']:.1f} | "
+                  f"{r['cpu_s']:.1f} | {r['base_mb']:.0f} MB | "
                   f"{r['server_mb']:.0f} MB | {workers} MB | {r['sum_mb']:.0f} MB |",
                   flush=True)
+            print(f"CPU seconds per process: {r['cpu_by_process']}", flush=True)
+        print(f"load at the end: {os.getloadavg()[0]:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

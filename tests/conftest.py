@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,51 @@ import sqlalchemy as sa
 #: The PostgreSQL server tests use; CI and dev machines have one with trust auth.
 PG_ADMIN_URL = os.environ.get("BATCHERY_TEST_PG_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-CI = bool(os.environ.get("CI"))
+#: In CI (`CI=true`, as CI services set it) every optional part a suite needs is installed
+#: (`scripts/install dev`): a test that would skip for want of one fails instead.
+CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+#: Modules whose absence stays a skip in CI too, with the reason: CI machines cannot have
+#: them. Every other "could not import" skip (`pytest.importorskip`) fails a CI run.
+CI_MAY_LACK = {
+    "vllm": "vLLM needs a CUDA GPU, which CI machines lack (tests/integration/test_vllm.py)",
+}
+
+
+def _import_skip(longrepr: object) -> str | None:
+    """The module a skip's reason says could not be imported, if it is such a skip."""
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else ""
+    found = re.search(r"could not import '([^']+)'", str(reason))
+    return found.group(1) if found else None
+
+
+def _fail_import_skip_in_ci(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if not CI or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    module = _import_skip(report.longrepr)
+    if module is None or module.split(".")[0] in CI_MAY_LACK:
+        return
+    report.outcome = "failed"
+    report.longrepr = (f"{module} is missing, and CI must run this test: `scripts/install dev` "
+                       f"installs it (a skip for a missing module fails in CI; see CI_MAY_LACK "
+                       f"in tests/conftest.py)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+        collector: pytest.Collector) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    report = yield
+    _fail_import_skip_in_ci(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+        item: pytest.Item,
+        call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    _fail_import_skip_in_ci(report)
+    return report
 
 
 @pytest.fixture(autouse=True)
@@ -69,9 +114,34 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago: only for an address nothing should answer on, or
+    for a program that cannot bind port 0 and say which port it got. Anything that can is
+    started on port 0 and asked (`start_server`, `bound_port`): a port picked here may be
+    taken by another process before the program binds it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: How uvicorn (so `batchery serve`) says where it listens, the port it bound included.
+UVICORN_LISTENING = re.compile(rb"Uvicorn running on https?://[^\s:]+:(\d+)")
+
+
+def bound_port(log_path: Path, process: subprocess.Popen[bytes], pattern: re.Pattern[bytes],
+               timeout: float = 60.0) -> int:
+    """The port a program started on port 0 says, in its log, that it bound."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = pattern.search(log_path.read_bytes()) if log_path.exists() else None
+        if found:
+            return int(found.group(1))
+        if process.poll() is not None:
+            raise RuntimeError(f"exited before it listened:\n"
+                               f"{log_path.read_text(errors='replace')}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"did not say where it listens within {timeout:.0f} s:\n"
+                               f"{log_path.read_text(errors='replace')}")
+        time.sleep(0.05)
 
 
 @dataclass
@@ -103,17 +173,23 @@ class Server:
 
 def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
                  name: str = "server", base_env: dict[str, str] | None = None) -> Server:
-    """`batchery serve` on a free port, ready to answer. Its environment is `base_env`
-    (this process's by default) with `env` on top."""
-    port = free_port()
+    """`batchery serve` on port 0 (the port the system gives it, which it reports), ready to
+    answer. Its environment is `base_env` (this process's by default) with `env` on top."""
     data_dir = tmp_path / f"{name}-data"
     log_path = tmp_path / f"{name}.log"
-    cmd = [sys.executable, "-m", "batchery", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "batchery", "serve", "--port", "0",
            "--data-dir", str(data_dir), *args]
     with log_path.open("wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                    env={**(os.environ if base_env is None else base_env),
                                         **(env or {})})
+    try:
+        port = bound_port(log_path, process, UVICORN_LISTENING)
+    except RuntimeError as exc:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        raise RuntimeError(f"server: {exc}") from None
     server = Server(base_url=f"http://127.0.0.1:{port}", data_dir=data_dir, process=process,
                     log_path=log_path, args=list(args))
     deadline = time.monotonic() + 60

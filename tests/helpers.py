@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterable
-from typing import Any
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -18,6 +19,42 @@ deployments:
     backend: echo
     options: {latency_ms: 40}
 """
+
+
+T = TypeVar("T")
+
+
+def eventually(read: Callable[[], T | None], what: str, timeout: float = 30.0,
+               every: float = 0.05) -> T:
+    """The first value `read()` gives that is not None nor False: a wait for an event, with
+    a deadline far past any machine's load, that fails only when the event never comes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if value is not None and value is not False:
+            return value
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
+        time.sleep(every)
+
+
+#: /metrics as samples: (name, labels sorted) to value.
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metric_samples(base_url: str) -> Samples:
+    """Every sample a server's /metrics shows, by name and labels."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
+    """The samples of one metric, by the value of one label."""
+    return {dict(labels)[label]: value for (metric, labels), value in samples.items()
+            if metric == name}
 
 
 def chat_line(custom_id: str, text: str = "hello", model: str = "echo",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from batchery.api.routes import (
     messages,
     models,
     reruns,
+    status,
     webhooks,
 )
 from batchery.api.routes import keys as key_routes
@@ -83,6 +85,8 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None,
     app.state.jobs = runtime.jobs
     app.state.webhooks = WebhookService(runtime.store, runtime.policy)
     app.state.keys = keys or KeyRing.load(runtime.settings.keys_file)
+    # Hot reads of a SQLite store run in the event loop (`deps.read`).
+    app.state.inline_reads = runtime.store.engine.dialect.name == "sqlite"
     errors.install(app)
     # Added after the error middleware, so further out: its 413 is counted by the metrics.
     app.add_middleware(bodies.BodyLimit,
@@ -93,11 +97,14 @@ def create_app(runtime: Runtime, keys: KeyRing | None = None,
     app.include_router(azure.v1_router, prefix="/openai/v1")
     gemini.install(app)  # the Gemini API under /gemini/v1beta, /gemini/v1 and /v1beta
     app.include_router(jobs.router, prefix="/api/v1")
+    app.include_router(status.router, prefix="/api/v1")
     app.include_router(key_routes.router, prefix="/api/v1")
 
-    @app.get("/healthz", include_in_schema=False)
-    def healthz() -> Any:
-        return {"status": "ok", "version": __version__}
+    @app.get("/healthz", include_in_schema=False, response_model=None)
+    async def healthz() -> dict[str, Any]:
+        # The pid tells apart the processes of `serve --api-workers N` (and hosts' health
+        # checks see which one answered).
+        return {"status": "ok", "version": __version__, "pid": os.getpid()}
 
     ui.install(app)  # the dashboard at /ui, `/` -> /ui, and the offline /docs
     metrics.install(app, runtime.store)

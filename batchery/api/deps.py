@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, ParamSpec, TypeVar
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from batchery.batchapi.gemini import is_gemini_path
 from batchery.batchapi.service import BatchService
@@ -23,30 +25,51 @@ def presented_key(request: Request) -> str | None:
             or (request.query_params.get("key") if is_gemini_path(request.url.path) else None))
 
 
-def get_keys(request: Request) -> KeyRing:
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def read(request: Request, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """A hot route's store read: on SQLite in the event loop (a read of a local file that
+    waits for no writer costs less than the hop to a worker thread), elsewhere (a database
+    across the network) in a worker thread, so that the loop never waits on the network."""
+    if request.app.state.inline_reads:
+        return call(*args, **kwargs)
+    return await run_in_threadpool(call, *args, **kwargs)
+
+
+# The dependencies are coroutines: they do no I/O (the keys file is looked at at most once a
+# period), and FastAPI would run a plain function in a worker thread, a hop per request.
+
+async def get_keys(request: Request) -> KeyRing:
     keys: KeyRing = request.app.state.keys
     return keys
 
 
 def get_principal(request: Request) -> Principal:
     """The caller; 401 for a missing, unknown or revoked key."""
-    return get_keys(request).principal_for(presented_key(request))
+    keys: KeyRing = request.app.state.keys
+    return keys.principal_for(presented_key(request))
 
 
-Caller = Annotated[Principal, Depends(get_principal)]
+async def _caller(request: Request) -> Principal:
+    return get_principal(request)
 
 
-def get_admin(request: Request, principal: Caller) -> Principal:
+Caller = Annotated[Principal, Depends(_caller)]
+
+
+async def get_admin(request: Request, principal: Caller) -> Principal:
     """The caller, who must hold an admin key (403 otherwise)."""
     principal.require_admin(f"call {request.method} {request.url.path}")
     return principal
 
 
-def get_project(principal: Caller) -> str:
+async def get_project(principal: Caller) -> str:
     return principal.project
 
 
-def get_service(request: Request) -> BatchService:
+async def get_service(request: Request) -> BatchService:
     service: BatchService = request.app.state.service
     return service
 

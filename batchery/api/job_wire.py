@@ -11,7 +11,6 @@ from batchery.model.jobs import BatchState, InputKind, Job, JobInput, JobStage
 
 def job_json(job: Job, view: JobView | None = None) -> dict[str, Any]:
     """A job as the API shows it; with its `view`, also its queue and worker states."""
-    metrics = job.metrics
     shown: dict[str, Any] = {
         "id": job.id, "object": "job", "endpoint": job.endpoint,
         "deployment": job.deployment, "status": job.status.value,
@@ -22,9 +21,7 @@ def job_json(job: Job, view: JobView | None = None) -> dict[str, Any]:
         "output": job.options.output.value, "output_path": job.output_path,
         "total_batch_count": job.total_batch_count,
         "enqueuing_done": job.stage is not JobStage.ENQUEUE,
-        "batch_metrics": {"succeeded": metrics.succeeded, "failed": metrics.failed,
-                          "dead_letters": metrics.dead_letters,
-                          "average_time_per_batch": metrics.average_time_per_batch},
+        "batch_metrics": batch_metrics(job),
         "item_counts": {"total": job.total_items, "succeeded": job.items_succeeded,
                         "failed": job.items_failed},
         "error": job.error, "results_url": job.results_url,
@@ -40,6 +37,22 @@ def job_json(job: Job, view: JobView | None = None) -> dict[str, Any]:
                   "batches_in_flight": view.batch_states.get(BatchState.LEASED.value, 0),
                   "worker_counts": view.worker_counts}
     return shown
+
+
+def batch_metrics(job: Job) -> dict[str, Any]:
+    """The job's `batch_metrics`: Cortex's names (`succeeded`, `failed`,
+    `avg_time_per_batch`) and ours before, kept for the clients that read them, and names
+    that say whether they count batches, attempts or items."""
+    metrics = job.metrics
+    average = metrics.average_time_per_batch
+    return {"succeeded": metrics.succeeded, "failed": metrics.failed,
+            "dead_letters": metrics.dead_letters, "average_time_per_batch": average,
+            "avg_time_per_batch": average,
+            "batches_succeeded": metrics.succeeded,
+            "batch_attempts_failed": metrics.failed,
+            "batches_dead_lettered": metrics.dead_letters,
+            "items_succeeded": job.items_succeeded, "items_failed": job.items_failed,
+            "seconds_per_succeeded_batch": average}
 
 
 def _input_summary(job_input: JobInput) -> Mapping[str, Any]:

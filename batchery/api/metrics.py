@@ -4,14 +4,15 @@ and request counts by route."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Protocol
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchery.model.batches import BatchStatus
 from batchery.model.chunks import ChunkState
@@ -80,14 +81,43 @@ class StoreCollector(Collector):
         yield demand
 
 
-def _route_label(request: Request) -> str:
+def _route_label(scope: Scope) -> str:
     """The path with its ids replaced by their names, so labels stay few."""
-    if request.scope.get("route") is None:
+    if scope.get("route") is None:
         return "unmatched"
-    path = request.url.path
-    for name, value in request.path_params.items():
+    path: str = scope["path"]
+    for name, value in scope.get("path_params", {}).items():
         path = path.replace(str(value), "{" + name + "}")
     return path
+
+
+class CountRequests:
+    """Counts requests by method, route and status: a plain ASGI middleware (no task group
+    around the app, nothing read or written but the counter)."""
+
+    def __init__(self, app: ASGIApp, *, requests: Counter) -> None:
+        self.app = app
+        self.requests = requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            # The error handler answers 500 further out; count it here.
+            self.requests.labels(scope["method"], _route_label(scope), "500").inc()
+            raise
+        self.requests.labels(scope["method"], _route_label(scope), str(status)).inc()
 
 
 def install(app: FastAPI, store: MetricsStore) -> None:
@@ -96,18 +126,7 @@ def install(app: FastAPI, store: MetricsStore) -> None:
     requests = Counter("batchery_http_requests", "HTTP requests by route and status",
                        ["method", "route", "status"], registry=registry)
 
-    @app.middleware("http")
-    async def count(request: Request,
-                    call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        try:
-            response = await call_next(request)
-        except Exception:
-            # The error handler answers 500 further out; count it here.
-            requests.labels(request.method, _route_label(request), "500").inc()
-            raise
-        requests.labels(request.method, _route_label(request),
-                        str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, requests=requests)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

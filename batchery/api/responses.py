@@ -85,10 +85,37 @@ class JobDryRun(BaseModel):
 
 
 class JobBatchMetrics(BaseModel):
-    succeeded: int
-    failed: int
-    dead_letters: int
-    average_time_per_batch: float | None
+    """A job's batches so far. A batch is tried until it succeeds or runs out of retries
+    (then it is a dead letter): attempts, batches and items are counted apart. The first
+    five fields are the Cortex-compatible names, kept; the others say what they count."""
+
+    succeeded: int = Field(description="Batches that succeeded (Cortex's name; the same as "
+                                       "`batches_succeeded`).")
+    failed: int = Field(description="Failed attempts, not batches: a batch that failed "
+                                    "twice counts twice (Cortex's name; the same as "
+                                    "`batch_attempts_failed`).")
+    dead_letters: int = Field(description="Batches out of retries (the same as "
+                                          "`batches_dead_lettered`).")
+    average_time_per_batch: float | None = Field(
+        description="Seconds per succeeded batch; null before the first (the same as "
+                    "`seconds_per_succeeded_batch`).")
+    avg_time_per_batch: float | None = Field(
+        description="Cortex's name for `average_time_per_batch`.")
+    batches_succeeded: int = Field(
+        description="Batches that succeeded, each counted once whatever its attempts.")
+    batch_attempts_failed: int = Field(
+        description="Attempts that failed (the predictor raised, or ran past "
+                    "`batch_timeout`), over all batches: a batch that failed twice and then "
+                    "succeeded adds 2.")
+    batches_dead_lettered: int = Field(
+        description="Batches that failed their last allowed attempt (`max_retries` + 1 "
+                    "attempts): they are listed at `failed_batches`.")
+    items_succeeded: int = Field(description="Items in the succeeded batches.")
+    items_failed: int = Field(description="Items in the dead-lettered batches.")
+    seconds_per_succeeded_batch: float | None = Field(
+        description="The mean duration, in seconds, of the successful attempt of each "
+                    "succeeded batch; failed attempts are not counted. Null before the "
+                    "first batch succeeds.")
 
 
 class JobItemCounts(BaseModel):

@@ -7,6 +7,7 @@ name."""
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +126,43 @@ def _construct(deployment: Deployment, target: str) -> Any:
     module_name, class_name = target.split(":")
     cls: Any = getattr(importlib.import_module(module_name), class_name)
     options = secrets.open_options(deployment.options, secrets.SecretBox.from_env())
-    # A wrong type fails here, naming the option, rather than deep in the constructor.
+    where = f"deployment '{deployment.name}'"
+    # An unknown name or a wrong type fails here, naming the option and what is valid,
+    # rather than deep in the constructor.
+    unknown = _unknown_option(cls, options, deployment.backend)
+    if unknown is not None:
+        raise ConfigError(f"{where}: {unknown}")
     wrong = deployment_policy.option_type_error(cls, options)
     if wrong is not None:
-        raise ConfigError(f"deployment '{deployment.name}': {wrong}")
+        raise ConfigError(f"{where}: {wrong}")
     try:
         return cls(**options)
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") \
+            from exc
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"deployment '{deployment.name}': bad options: {exc}") from exc
+        raise ConfigError(f"{where}: bad options: {exc}") from exc
+
+
+#: Constructor parameters that tests pass and a config file never does.
+_NOT_OPTIONS = frozenset({"transport"})
+
+
+def _unknown_option(cls: Any, options: dict[str, Any], backend: str) -> str | None:
+    """A sentence naming the first option that `cls`'s constructor does not take, with
+    those it does; None when all are known (or it takes any keyword)."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    valid = [p.name for p in parameters
+             if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+             and p.name not in _NOT_OPTIONS]
+    unknown = [name for name in options if name not in valid]
+    if not unknown:
+        return None
+    return (f"options.{unknown[0]}: the '{backend}' backend has no such option "
+            f"(valid: {', '.join(valid) or 'none'})")

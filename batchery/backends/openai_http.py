@@ -69,7 +69,8 @@ class OpenAIBackend(ModelBackend):
         self.endpoints = self.declared_endpoints({"endpoints": endpoints})
         self._responses_native = _RESPONSES_MODES[responses]
         if api_key_env and api_key_env not in os.environ:
-            raise ConfigError(f"environment variable {api_key_env} (api_key_env) is not set")
+            raise ConfigError(f"options.api_key_env: the environment variable {api_key_env} "
+                              f"is not set; export it where Batchery runs, or give api_key")
         key = os.environ[api_key_env] if api_key_env else api_key
         self.base_url = base_url.rstrip("/")
         self.model = model

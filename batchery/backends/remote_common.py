@@ -13,7 +13,8 @@ from batchery.model.exceptions import BackendError, ConfigError
 def api_key(api_key_env: str | None, key: str | None) -> str | None:
     if api_key_env:
         if api_key_env not in os.environ:
-            raise ConfigError(f"environment variable {api_key_env} (api_key_env) is not set")
+            raise ConfigError(f"options.api_key_env: the environment variable {api_key_env} "
+                              f"is not set; export it where Batchery runs, or give api_key")
         return os.environ[api_key_env]
     return key
 

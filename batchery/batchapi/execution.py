@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from batchery.model.batches import canonical_endpoint
 from batchery.model.retry import RetryPolicy
 from batchery.ports.backend import (
     CHAT_ENDPOINT,
@@ -77,29 +78,36 @@ class ChunkOutput:
     def add_all(self, custom_ids: Iterable[str], replies: Iterable[Reply],
                 model: Any = None, offsets: Iterable[int] = ()) -> None:
         """Render and count the replies to a group of requests (the hot loop of a chunk:
-        tallies stay in locals until the end)."""
+        tallies stay in locals until the end, and the common usage shapes are read inline)."""
         self.offsets.extend(offsets)
         render, out, err = self.render, self.out, self.err
         n_ok = n_err = input_tokens = output_tokens = cached = reasoning = 0
         for custom_id, reply in zip(custom_ids, replies, strict=True):
             line = render(custom_id, reply, model)
-            if reply.ok:
-                out += line
-                n_ok += 1
-                usage = reply.body.get("usage")
-                if isinstance(usage, dict):
-                    # Chat and completions count `prompt_tokens`, Responses `input_tokens`.
-                    input_tokens += _int(usage.get("prompt_tokens",
-                                                   usage.get("input_tokens")))
-                    output_tokens += _int(usage.get("completion_tokens",
-                                                    usage.get("output_tokens")))
-                    cached += _detail(usage, "prompt_tokens_details", "input_tokens_details",
-                                      "cached_tokens")
-                    reasoning += _detail(usage, "completion_tokens_details",
-                                         "output_tokens_details", "reasoning_tokens")
-            else:
+            if not 200 <= reply.status_code < 300:
                 err += line
                 n_err += 1
+                continue
+            out += line
+            n_ok += 1
+            usage = reply.body.get("usage")
+            if not isinstance(usage, dict):
+                continue
+            # Chat and completions count `prompt_tokens`, Responses `input_tokens`. Plain
+            # ints are added inline; anything else goes through `_int` (a bool or junk
+            # counts nothing).
+            value = usage["prompt_tokens"] if "prompt_tokens" in usage \
+                else usage.get("input_tokens")
+            input_tokens += value if type(value) is int else _int(value)
+            value = usage["completion_tokens"] if "completion_tokens" in usage \
+                else usage.get("output_tokens")
+            output_tokens += value if type(value) is int else _int(value)
+            if _DETAILS.isdisjoint(usage):
+                continue
+            cached += _detail(usage, "prompt_tokens_details", "input_tokens_details",
+                              "cached_tokens")
+            reasoning += _detail(usage, "completion_tokens_details", "output_tokens_details",
+                                 "reasoning_tokens")
         self.n_ok += n_ok
         self.n_err += n_err
         self.input_tokens += input_tokens
@@ -109,6 +117,11 @@ class ChunkOutput:
         if input_tokens or output_tokens:
             before = self.by_model.get(str(model), (0, 0))
             self.by_model[str(model)] = (before[0] + input_tokens, before[1] + output_tokens)
+
+
+#: The usage fields that hold details (cached and reasoning tokens).
+_DETAILS = frozenset({"prompt_tokens_details", "input_tokens_details",
+                      "completion_tokens_details", "output_tokens_details"})
 
 
 def _int(value: Any) -> int:
@@ -149,9 +162,15 @@ async def run_chunk(lines: Sequence[bytes], endpoint: str, lookup: BackendLookup
     if output is None:
         output = ChunkOutput(render=anthropic.result_line if messages else response_line)
     where = offsets if offsets is not None else range(len(lines))
-    groups: dict[str, list[tuple[int, Request]]] = {}
+    target = anthropic.CHAT_ENDPOINT if messages else endpoint
+    # Checked once here for every backend: a body of the wrong shape never reaches one.
+    # (The schema is looked up once per chunk, not once per line.)
+    schema = request_schemas.SCHEMAS.get(canonical_endpoint(target))
+    #: model -> (offsets, requests), kept side by side.
+    groups: dict[str, tuple[list[int], list[Request]]] = {}
+    loads = orjson.loads
     for offset, raw in zip(where, lines, strict=True):
-        obj = orjson.loads(raw)
+        obj = loads(raw)
         body = obj["body"]
         if messages:
             try:
@@ -160,28 +179,28 @@ async def run_chunk(lines: Sequence[bytes], endpoint: str, lookup: BackendLookup
                 output.add(obj["custom_id"], error_reply(400, str(exc)), body.get("model"),
                            offset)
                 continue
-        # Checked once here for every backend: a body of the wrong shape never reaches one.
-        problem = request_schemas.check(anthropic.CHAT_ENDPOINT if messages else endpoint, body)
+        problem = schema.check(body, "") if schema is not None else None
         if problem is not None:
             output.add(obj["custom_id"], problem.reply(), body.get("model"), offset)
             continue
-        groups.setdefault(body["model"], []).append(
-            (offset, Request(custom_id=obj["custom_id"], body=body)))
-    target = anthropic.CHAT_ENDPOINT if messages else endpoint
+        bucket = groups.get(body["model"])
+        if bucket is None:
+            bucket = groups[body["model"]] = ([], [])
+        bucket[0].append(offset)
+        bucket[1].append(Request(custom_id=obj["custom_id"], body=body))
     size = max(1, min(MAX_SLICE, -(-len(lines) // MIN_SLICES)))
 
-    async def run_slice(model: str, part: list[tuple[int, Request]]) -> None:
-        requests = [r for _, r in part]
+    async def run_slice(model: str, at: list[int], requests: list[Request]) -> None:
         replies = await _run_group(model, requests, target, lookup, policy)
-        output.add_all((r.custom_id for r in requests), replies, model,
-                       (o for o, _ in part))
+        output.add_all([r.custom_id for r in requests], replies, model, at)
 
     try:
         # A slice that raises cancels the others: the chunk is handed back as a whole.
         async with asyncio.TaskGroup() as group:
-            for model, items in groups.items():
-                for i in range(0, len(items), size):
-                    group.create_task(run_slice(model, items[i:i + size]))
+            for model, (at, requests) in groups.items():
+                for i in range(0, len(requests), size):
+                    group.create_task(run_slice(model, at[i:i + size],
+                                                requests[i:i + size]))
     except BaseExceptionGroup as failed:
         raise failed.exceptions[0] from None
     return output

@@ -48,6 +48,9 @@ log = logging.getLogger("batchery.worker")
 
 #: While a chunk runs, its answered lines are committed this often, in seconds.
 COMMIT_EVERY_S = 0.5
+#: While a worker runs chunk after chunk, it looks for batch-level work (validate,
+#: finalize) at most this often, in seconds: each look is a write transaction.
+PHASE_LOOK_S = 0.25
 
 _WHAT = {BatchStatus.VALIDATING: "validate", BatchStatus.FINALIZING: "assemble the results of",
          BatchStatus.CANCELLING: "assemble the results of"}
@@ -116,6 +119,7 @@ class BatchPhases:
                  deployments: Deployments) -> None:
         self.store, self.files, self.ctx = store, files, ctx
         self.deployments = deployments
+        self._next_look = 0.0
 
     def start(self) -> None:
         pass
@@ -127,8 +131,12 @@ class BatchPhases:
         self.store.expire_due(int(time.time()))
 
     def run_once(self) -> bool:
+        now = time.monotonic()
+        if self.ctx.busy and now < self._next_look:
+            return False
         lease = self.store.claim_phase(self.ctx.id, self.ctx.config.lease_s)
         if lease is None:
+            self._next_look = now + PHASE_LOOK_S
             return False
         self.run(lease)
         return True
@@ -222,6 +230,7 @@ class ChunkRunner:
                  deployments: Deployments) -> None:
         self.store, self.files, self.ctx = store, files, ctx
         self.deployments = deployments
+        self._projects: dict[str, str | None] = {}
 
     def start(self) -> None:
         pass
@@ -296,10 +305,20 @@ class ChunkRunner:
             return
         self._complete(lease, commits.write(output.take()))
 
+    def _project(self, batch_id: str) -> str | None:
+        """The batch's project (it never changes), read once per batch."""
+        if batch_id in self._projects:
+            return self._projects[batch_id]
+        batch = self.store.get_batch(None, batch_id)
+        project = batch.project if batch is not None else None
+        if len(self._projects) >= 1024:
+            self._projects.clear()
+        self._projects[batch_id] = project
+        return project
+
     async def _run_lines(self, lease: ChunkLease, todo: list[tuple[int, bytes]],
                          output: execution.ChunkOutput, commits: _Commits) -> None:
-        batch = self.store.get_batch(None, lease.batch_id)
-        project = batch.project if batch is not None else None
+        project = self._project(lease.batch_id)
         commits.project = project
 
         async def backend_for(model: str) -> ModelBackend | None:

@@ -16,7 +16,7 @@ from batchery.batchapi import validation
 from batchery.batchapi.execution import lines_at
 from batchery.model import ids, spend
 from batchery.model.batches import Batch, BatchError, BatchStatus, EndReason, canonical_endpoint
-from batchery.model.chunks import Chunk, ChunkPart, ChunkSpec, ChunkState
+from batchery.model.chunks import Chunk, ChunkSpec, ChunkState
 from batchery.model.deployments import Deployment
 from batchery.model.files import FileRecord, Purpose
 from batchery.ports.filestore import FileStore
@@ -188,17 +188,16 @@ def finalize(store: PhaseStore, files: FileStore, lease: PhaseLease,
         store.abort_open_chunks(batch.id)
     batch = store.get_batch(None, batch.id) or batch
     chunks = [c for c in store.list_chunks(batch.id) if c.state is not ChunkState.SPLIT]
-    parts = _parts_in_file_order(store, batch)
+    parts = _part_keys_in_file_order(store, batch)
     if not chunks and batch.input_key is None and batch.endpoint == anthropic.MESSAGES_ENDPOINT:
         # Ended before validation cut it: every request (we wrote the file, so it is valid
         # JSONL) is reported as canceled or expired.
         batch, chunks = _whole_input(store, files, batch)
-    done = {o for part in parts for o in part.offsets}
-    unrun = _Unrun(files, batch, chunks, done, reason)
+    unrun = _Unrun(store, files, batch, chunks, reason)
     now = int(time.time())
     carried_outs, carried_errs = carried_keys(files, batch)
-    outs = carried_outs + _keys(chunks, "out_key") + [p.out_key for p in parts if p.out_key]
-    errs = carried_errs + _keys(chunks, "err_key") + [p.err_key for p in parts if p.err_key]
+    outs = carried_outs + _keys(chunks, "out_key") + [out for out, _ in parts if out]
+    errs = carried_errs + _keys(chunks, "err_key") + [err for _, err in parts if err]
     if batch.endpoint == anthropic.MESSAGES_ENDPOINT:
         # Anthropic batches have one results file holding every outcome.
         def write_results(out: IO[bytes]) -> None:
@@ -230,15 +229,28 @@ def finalize(store: PhaseStore, files: FileStore, lease: PhaseLease,
     _drop_orphaned_input(store, files, batch)
 
 
-def _parts_in_file_order(store: PhaseStore, batch: Batch) -> list[ChunkPart]:
-    """(extension) The parts in the order the result files list them: in commit order for
-    batches whose results can be read while they run (`GET /v1/batches/{id}/results`),
-    so that a reader who started then carries on in the files where it stopped; in input
-    order for the others (Gemini reads its answers back in request order)."""
-    if batch.id.startswith(RUNNING_RESULTS_PREFIX) \
-            and batch.endpoint != anthropic.MESSAGES_ENDPOINT:
-        return [part for _, part in store.list_parts_after(batch.id, 0)]
-    return store.list_parts(batch.id)
+#: Parts read from the store at a time while finalizing (at most a chunk's lines each); their
+#: line offsets are dropped as soon as read, so memory does not grow with a batch's lines.
+_PARTS_PAGE = 32
+
+
+def _part_keys_in_file_order(store: PhaseStore, batch: Batch
+                             ) -> list[tuple[str | None, str | None]]:
+    """(extension) The output and error keys of the parts in the order the result files
+    list them: in commit order for batches whose results can be read while they run
+    (`GET /v1/batches/{id}/results`), so that a reader who started then carries on in the
+    files where it stopped; in input order for the others (Gemini reads its answers back in
+    request order), as `list_parts` sorts them."""
+    found: list[tuple[int, int, str | None, str | None]] = []
+    after = 0
+    while page := store.list_parts_after(batch.id, after, _PARTS_PAGE):
+        found += [(min(part.offsets), part_id, part.out_key, part.err_key)
+                  for part_id, part in page]
+        after = page[-1][0]
+    if not (batch.id.startswith(RUNNING_RESULTS_PREFIX)
+            and batch.endpoint != anthropic.MESSAGES_ENDPOINT):
+        found.sort()
+    return [(out, err) for _, _, out, err in found]
 
 
 #: (extension) The ids of the batches whose results can be read while they run: OpenAI's.
@@ -385,9 +397,9 @@ class _Unrun:
     """The requests that never got an answer: of chunks that failed for good (counted as
     failed already), and of chunks a cancel or an expiry stopped (counted here)."""
 
-    def __init__(self, files: FileStore, batch: Batch, chunks: list[Chunk], done: set[int],
+    def __init__(self, store: PhaseStore, files: FileStore, batch: Batch, chunks: list[Chunk],
                  reason: EndReason) -> None:
-        self.files, self.batch, self.done, self.reason = files, batch, done, reason
+        self.store, self.files, self.batch, self.reason = store, files, batch, reason
         self.open = [c for c in chunks if c.state is not ChunkState.DONE]
         self.count = sum(c.spec.n_lines - c.n_ok - c.n_err for c in self.open
                          if c.state is not ChunkState.FAILED)
@@ -395,10 +407,11 @@ class _Unrun:
     def write(self, out: IO[bytes]) -> None:
         for chunk in self.open:
             render = _unrun_renderer(self.batch, chunk, self.reason)
-            data = self.files.read_range(self.batch.input_key or "", chunk.spec.start_offset,
-                                         chunk.spec.end_offset)
-            for offset, raw in lines_at(data, chunk.spec.start_offset):
-                if offset not in self.done:
+            start, end = chunk.spec.start_offset, chunk.spec.end_offset
+            data = self.files.read_range(self.batch.input_key or "", start, end)
+            done = self.store.done_offsets(self.batch.id, start, end)  # one chunk's at a time
+            for offset, raw in lines_at(data, start):
+                if offset not in done:
                     out.write(render(orjson.loads(raw)["custom_id"]))
 
 

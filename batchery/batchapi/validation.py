@@ -1,20 +1,20 @@
 """Streaming validation of a batch input file, and cutting it into chunks.
 
-The validator reads each line once and keeps, per request, only an 8-byte hash of its
-`custom_id` (to find duplicates), so memory grows by 8 bytes a line and never holds a line
-longer than it takes to parse it. Hash collisions are settled by a second, targeted pass.
+The validator reads each line once and never holds a line longer than it takes to parse
+it. Repeated `custom_id`s are found in a fixed amount of memory, whatever the number of
+lines (`dedupe`: sorted runs spilled to temporary files past a buffer); two `custom_id`s
+that merely hash alike are told apart by a second pass over the suspect lines only.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import orjson
 
+from batchery.batchapi.dedupe import DuplicateFinder
 from batchery.model.batches import (
     MAX_REPORTED_ERRORS,
     BatchError,
@@ -157,113 +157,64 @@ class _Chunker:
             self._count = 0
 
 
-class _Hashes:
-    """The custom_id hash of every line, by line number (0: none): 8 bytes a line, in an
-    array that grows by an eighth at a time rather than doubling."""
-
-    def __init__(self) -> None:
-        self._values = array("q")
-
-    def put(self, line_no: int, custom_id: str) -> None:
-        missing = line_no - 1 - len(self._values)
-        if missing:  # lines without a custom_id since the last one
-            self._values.frombytes(bytes(8 * missing))
-        self._values.append(_custom_id_hash(custom_id))
-
-    @property
-    def values(self) -> np.ndarray[Any, np.dtype[np.int64]]:
-        """The hashes so far, without a copy (lines past the last custom_id are left out)."""
-        return np.frombuffer(self._values, dtype=np.int64)
-
-
 def validate(lines: Lines, *, endpoint: str, model_known: Callable[[str], bool],
              max_tasks: int, chunk_size: int,
-             reread: Callable[[], Lines] | None = None) -> Report:
+             reread: Callable[[], Lines] | None = None,
+             tmp_dir: str | None = None) -> Report:
     """Check every line, cut chunks of `chunk_size` requests, and report problems.
 
     `reread` re-opens the input; it is only called when two `custom_id`s hash alike.
+    `tmp_dir` holds the duplicate check's temporary files (the system's by default), which
+    a batch of more than 262,144 requests needs.
     """
     report = Report()
-    hashes, chunker = _Hashes(), _Chunker(chunk_size)
-    line_no = 0
-    for offset, raw in lines:
-        line_no += 1
-        if not raw.strip():
-            continue
-        custom_id, model, errors = check_line(raw, line_no, endpoint, model_known)
-        for error in errors:
-            report.add(error)
-        if model is not None:
-            report.models.add(model)
-        if custom_id is None:
-            continue
-        report.total += 1
-        if report.total > max_tasks:
-            report.add(BatchError(
-                code="too_many_tasks",
-                message=f"The number of requests in the input file exceeds the maximum "
-                        f"allowed value of {max_tasks}."))
-            return report
-        hashes.put(line_no, custom_id)
-        chunker.add(offset, offset + len(raw), line_no)
-    chunker.close()
-    report.chunks = chunker.chunks
-    _finish_report(report, hashes.values[:line_no], reread)
+    chunker = _Chunker(chunk_size)
+    with DuplicateFinder(hash_fn=_custom_id_hash, tmp_dir=tmp_dir) as finder:
+        line_no = 0
+        for offset, raw in lines:
+            line_no += 1
+            if not raw.strip():
+                continue
+            custom_id, model, errors = check_line(raw, line_no, endpoint, model_known)
+            for error in errors:
+                report.add(error)
+            if model is not None:
+                report.models.add(model)
+            if custom_id is None:
+                continue
+            report.total += 1
+            if report.total > max_tasks:
+                report.add(BatchError(
+                    code="too_many_tasks",
+                    message=f"The number of requests in the input file exceeds the maximum "
+                            f"allowed value of {max_tasks}."))
+                return report
+            finder.add(line_no, custom_id)
+            chunker.add(offset, offset + len(raw), line_no)
+        chunker.close()
+        report.chunks = chunker.chunks
+        _finish_report(report, finder, reread)
     return report
 
 
-def _finish_report(report: Report, hashes: np.ndarray[Any, np.dtype[np.int64]],
+def _finish_report(report: Report, finder: DuplicateFinder,
                    reread: Callable[[], Lines] | None) -> None:
     if report.total == 0 and report.error_count == 0:
         report.add(BatchError(code="empty_file",
                               message="The input file is empty. Please ensure that the batch "
                                       "contains at least one request."))
-    for line in _duplicate_lines(hashes, reread):
+    raw_lines = None if reread is None else (lambda: (raw for _, raw in reread()))
+    found = finder.duplicates(limit=MAX_REPORTED_ERRORS, reread=raw_lines,
+                              key_of=_custom_id_of)
+    for line in found.lines:
         report.add(BatchError(
             code="duplicate_custom_id", param="custom_id", line=line,
             message="The custom_id for this request is a duplicate of another request."))
+    report.error_count += found.count - len(found.lines)  # counted, beyond the list's cap
     report.errors.sort(key=lambda e: (e.line is None, e.line or 0))
 
 
-#: Lines a step when looking for the lines that hold repeated hashes.
-_BLOCK_LINES = 1 << 16
-
-
-def _duplicate_lines(hashes: np.ndarray[Any, np.dtype[np.int64]],
-                     reread: Callable[[], Lines] | None) -> list[int]:
-    """1-based lines whose custom_id already appeared on an earlier line.
-
-    One sorted copy of the hashes finds the values that repeat (9 bytes a line at the
-    peak, beside the hashes); only the lines holding those are looked at again."""
-    ordered = np.sort(hashes)
-    repeats = ordered[1:][ordered[1:] == ordered[:-1]]
-    del ordered
-    repeats = np.unique(repeats[repeats != 0])
-    if len(repeats) == 0:
-        return []
-    # Block by block, so that finding them takes little more memory whatever their number.
-    suspects = np.concatenate([
-        np.flatnonzero(np.isin(hashes[start:start + _BLOCK_LINES], repeats)) + start + 1
-        for start in range(0, len(hashes), _BLOCK_LINES)])
-    if reread is not None:
-        return _confirm_duplicates(set(suspects.tolist()), reread)
-    seen: set[int] = set()
-    duplicates = []
-    for line, value in zip(suspects.tolist(), hashes[suspects - 1].tolist(), strict=True):
-        if value in seen:
-            duplicates.append(line)
-        seen.add(value)
-    return duplicates
-
-
-def _confirm_duplicates(suspects: set[int], reread: Callable[[], Lines]) -> list[int]:
-    seen: set[str] = set()
-    duplicates: list[int] = []
-    for line_no, (_, raw) in enumerate(reread(), start=1):
-        if line_no not in suspects:
-            continue
-        custom_id = orjson.loads(raw)["custom_id"]
-        if custom_id in seen:
-            duplicates.append(line_no)
-        seen.add(custom_id)
-    return duplicates
+def _custom_id_of(raw: bytes) -> str:
+    """The `custom_id` of a line that validation already found to have one."""
+    custom_id: str = orjson.loads(raw)["custom_id"]
+    return custom_id

@@ -7,18 +7,33 @@ from typing import Annotated
 import typer
 
 from batchery import __version__
-from batchery.cli import client, jobs, keys, offline, reruns, server, webhooks
+from batchery.cli import (
+    catalog,
+    client,
+    jobs,
+    keys,
+    message_batches,
+    offline,
+    reruns,
+    server,
+    trying,
+    webhooks,
+)
+from batchery.cli.common import command
 
 app = typer.Typer(help="Batchery: self-hosted batch inference.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+                  pretty_exceptions_enable=False, add_completion=True)
 server.register(app)
 offline.register(app)
+catalog.register(app)  # `status`, `models`, `endpoints`
+trying.register(app)  # `try`
 app.add_typer(client.files_app, name="files")
 app.add_typer(client.batches_app, name="batches")
+app.add_typer(message_batches.message_batches_app, name="message-batches")
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(jobs.jobs_app, name="jobs")
 app.add_typer(webhooks.webhooks_app, name="webhooks")
-app.command()(jobs.logs)
+command(app, "logs")(jobs.logs)
 reruns.register()
 
 

@@ -2,138 +2,110 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
+from batchery.cli.common import (
+    BATCH_TERMINAL,
+    Api,
+    AsJson,
+    Col,
+    check,
+    command,
+    errors,
+    print_json,
+    print_table,
+    print_warnings,
+    when,
+)
 from batchery.cli.progress import BatchProgress
 
 files_app = typer.Typer(help="Upload, list, download and delete files.", no_args_is_help=True)
 batches_app = typer.Typer(help="Create, inspect, wait for and cancel batches.",
                           no_args_is_help=True)
-console = Console()
-errors = Console(stderr=True)
-
-BaseUrl = Annotated[str, typer.Option("--base-url", envvar="BATCHERY_BASE_URL",
-                                      help="The server's /v1 URL.")]
-ApiKey = Annotated[str, typer.Option("--api-key", envvar="BATCHERY_API_KEY",
-                                     help="API key (any value when the server has none).")]
-DEFAULT_URL = "http://127.0.0.1:8000/v1"
-TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
-def _client(base_url: str, api_key: str) -> httpx.Client:
-    return httpx.Client(base_url=base_url.rstrip("/") + "/",
-                        headers={"Authorization": f"Bearer {api_key}"}, timeout=600.0)
-
-
-def _check(response: httpx.Response) -> Any:
-    if response.is_success:
-        return response.json() if "json" in response.headers.get("content-type", "") else None
-    try:
-        error = response.json()["error"]
-        message = error["message"]
-        where = f" (param: {error['param']})" if error.get("param") else ""
-    except Exception:
-        message, where = response.text, ""
-    errors.print(f"[red]error {response.status_code}:[/red] {escape(message + where)}")
-    raise typer.Exit(1)
-
-
-def request(base_url: str, api_key: str, method: str, path: str, **kwargs: Any) -> Any:
-    """Call the API; an error becomes one line on stderr and exit status 1."""
-    try:
-        with _client(base_url, api_key) as client:
-            return _check(client.request(method, path, **kwargs))
-    except httpx.TransportError as exc:
-        errors.print(f"[red]error:[/red] cannot reach {base_url}: {escape(str(exc))}")
-        raise typer.Exit(1) from None
-
-
-def _print_json(data: Any) -> None:
-    console.print_json(json.dumps(data))
-
-
-def print_warnings(out: Console, found: dict[str, Any]) -> None:
-    """A batch's or job's `warnings` (extension), a line each, on `out`."""
-    for warning in found.get("warnings") or []:
-        out.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-
-
-@files_app.command("upload")
-def upload(path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
-           purpose: str = "batch", base_url: BaseUrl = DEFAULT_URL,
-           api_key: ApiKey = "batchery") -> None:
-    """Upload a file."""
+@command(files_app, "upload")
+def upload(path: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                                help="A JSONL file of batch lines.")],
+           api: Api,
+           purpose: Annotated[str, typer.Option(help="The file's purpose.")] = "batch") -> None:
+    """Upload a file; prints the file object."""
     with path.open("rb") as f:
-        data = request(base_url, api_key, "POST", "files", data={"purpose": purpose},
-                        files={"file": (path.name, f, "application/jsonl")})
-    _print_json(data)
+        data = api.request("POST", "/v1/files", data={"purpose": purpose},
+                           files={"file": (path.name, f, "application/jsonl")})
+    print_json(data)
 
 
-@files_app.command("list")
-def list_files(purpose: str | None = None, limit: int = 100, base_url: BaseUrl = DEFAULT_URL,
-               api_key: ApiKey = "batchery") -> None:
+@command(files_app, "list")
+def list_files(api: Api,
+               purpose: Annotated[str | None, typer.Option(help="Only files of this "
+                                                                "purpose.")] = None,
+               limit: Annotated[int, typer.Option(min=1, help="The most files to list.")]
+               = 100, as_json: AsJson = False) -> None:
     """List files, newest first."""
-    params: dict[str, Any] = {"limit": limit, **({"purpose": purpose} if purpose else {})}
-    data = request(base_url, api_key, "GET", "files", params=params)
-    table = Table("filename", "purpose", "bytes", "created")
-    table.add_column("id", no_wrap=True, min_width=27)
-    for f in data["data"]:
-        table.add_row(f["filename"], f["purpose"], str(f["bytes"]),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f["created_at"])),
-                      f["id"])
-    console.print(table)
+    data = api.get("/v1/files", limit=limit, purpose=purpose)
+    if as_json:
+        print_json(data, plain=True)
+        return
+    print_table([Col("id", "id"), Col("filename"), Col("purpose", "status"),
+                 Col("bytes", "fixed", "right"), Col("created", "fixed")],
+                [(f["id"], f["filename"], f["purpose"], str(f["bytes"]), when(f["created_at"]))
+                 for f in data["data"]])
 
 
-@files_app.command("download")
-def download(file_id: str, output: Annotated[Path, typer.Option("-o", "--output")],
-             base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
+@command(files_app, "get")
+def get_file(file_id: Annotated[str, typer.Argument(help="The file's id.")], api: Api,
+             as_json: AsJson = False) -> None:
+    """Show a file object (JSON)."""
+    print_json(api.get(f"/v1/files/{file_id}"), plain=as_json)
+
+
+@command(files_app, "download")
+def download(file_id: Annotated[str, typer.Argument(help="The file's id.")],
+             output: Annotated[Path, typer.Option("-o", "--output",
+                                                  help="Where to write the content.")],
+             api: Api) -> None:
     """Download a file's content to OUTPUT (written whole or not at all)."""
     partial = output.with_name(output.name + ".part")
-    try:
-        with _client(base_url, api_key) as client, \
-                client.stream("GET", f"files/{file_id}/content") as response:
-            if not response.is_success:
-                response.read()
-                _check(response)
-            with partial.open("wb") as out:
-                for block in response.iter_bytes(1 << 20):
-                    out.write(block)
-    except httpx.TransportError as exc:
-        errors.print(f"[red]error:[/red] cannot reach {base_url}: {escape(str(exc))}")
-        raise typer.Exit(1) from None
+    with api.reaching(), api.http() as http, \
+            http.stream("GET", f"/v1/files/{file_id}/content") as response:
+        if not response.is_success:
+            response.read()
+            check(response)
+        with partial.open("wb") as out:
+            for block in response.iter_bytes(1 << 20):
+                out.write(block)
     partial.replace(output)
     errors.print(f"wrote {output}")
 
 
-@files_app.command("cost-estimate")
-def cost_estimate(file_id: str, model: Annotated[str | None, typer.Option(
+@command(files_app, "cost-estimate")
+def cost_estimate(file_id: Annotated[str, typer.Argument(help="The file's id.")], api: Api,
+                  model: Annotated[str | None, typer.Option(
                       help="Price every line at this model (default: each line's own).")
-                  ] = None,
-                  base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
+                  ] = None) -> None:
     """Extension: estimate a batch input file's input tokens and cost before a batch."""
-    params = {"model": model} if model is not None else None
-    _print_json(request(base_url, api_key, "GET", f"files/{file_id}/cost_estimate",
-                        params=params))
+    print_json(api.get(f"/v1/files/{file_id}/cost_estimate", model=model))
 
 
-@files_app.command("delete")
-def delete(file_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
+@command(files_app, "delete")
+def delete(file_id: Annotated[str, typer.Argument(help="The file's id.")], api: Api) -> None:
     """Delete a file."""
-    _print_json(request(base_url, api_key, "DELETE", f"files/{file_id}"))
+    print_json(api.request("DELETE", f"/v1/files/{file_id}"))
 
 
-@batches_app.command("create")
-def create(input_file_id: Annotated[str, typer.Option("--input-file-id", "-i")],
-           endpoint: str = "/v1/chat/completions", completion_window: str = "24h",
+@command(batches_app, "create")
+def create(input_file_id: Annotated[str, typer.Option("--input-file-id", "-i",
+                                                      help="The uploaded file's id.")],
+           api: Api,
+           endpoint: Annotated[str, typer.Option(help="The endpoint every line calls.")]
+           = "/v1/chat/completions",
+           completion_window: Annotated[str, typer.Option(
+               help="How long the batch may take (24h, or an extension: 1h to 7d).")] = "24h",
            metadata: Annotated[list[str] | None, typer.Option(
                "--metadata", "-m", help="key=value, may repeat")] = None,
            priority: Annotated[int | None, typer.Option(
@@ -146,84 +118,113 @@ def create(input_file_id: Annotated[str, typer.Option("--input-file-id", "-i")],
            ] = None,
            max_total_tokens: Annotated[int | None, typer.Option(
                help="Extension: stop the batch once its lines used this many tokens.")] = None,
-           base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
-    """Create a batch from an uploaded file."""
+           ) -> None:
+    """Create a batch from an uploaded file; prints the batch."""
     body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": endpoint,
                             "completion_window": completion_window}
     if metadata:
-        body["metadata"] = dict(item.split("=", 1) for item in metadata)
-    if priority is not None:
-        body["priority"] = priority
-    for name, value in (("max_cost", max_cost), ("max_total_tokens", max_total_tokens)):
+        pairs = [item.split("=", 1) for item in metadata]
+        if any(len(p) != 2 for p in pairs):
+            errors.print("[red]error:[/red] --metadata takes key=value")
+            raise typer.Exit(2)
+        body["metadata"] = dict(pairs)
+    for name, value in (("priority", priority), ("max_cost", max_cost),
+                        ("max_total_tokens", max_total_tokens)):
         if value is not None:
             body[name] = value
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-    _print_json(request(base_url, api_key, "POST", "batches", json=body, headers=headers))
+    batch = api.request("POST", "/v1/batches", json=body, headers=headers)
+    print_json(batch)
+    print_warnings(batch)
 
 
-@batches_app.command("list")
-def list_batches(limit: int = 20, base_url: BaseUrl = DEFAULT_URL,
-                 api_key: ApiKey = "batchery") -> None:
-    """List batches, newest first."""
-    data = request(base_url, api_key, "GET", "batches", params={"limit": limit})
-    table = Table()
-    table.add_column("id", no_wrap=True, min_width=38)
-    for name in ("status", "endpoint", "total", "completed", "failed"):
-        table.add_column(name)
-    for b in data["data"]:
+def batch_rows(batches: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for b in batches:
         counts = b["request_counts"]
-        table.add_row(b["id"], b["status"], b["endpoint"], str(counts["total"]),
-                      str(counts["completed"]), str(counts["failed"]))
-    console.print(table)
+        rows.append((b["id"], b["status"], b["endpoint"].removeprefix("/v1/"),
+                     str(counts["total"]),
+                     str(counts["completed"]), str(counts["failed"]), when(b["created_at"])))
+    return rows
 
 
-@batches_app.command("get")
-def get(batch_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
-    """Show a batch."""
-    _print_json(request(base_url, api_key, "GET", f"batches/{batch_id}"))
+BATCH_COLUMNS = [Col("id", "id"), Col("status", "status"), Col("endpoint"),
+                 Col("total", "fixed", "right"), Col("done", "fixed", "right"),
+                 Col("failed", "fixed", "right"), Col("created", "fixed")]
 
 
-@batches_app.command("cancel")
-def cancel(batch_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
+@command(batches_app, "list")
+def list_batches(api: Api,
+                 limit: Annotated[int, typer.Option(min=1, max=100,
+                                                    help="The most batches to list.")] = 20,
+                 as_json: AsJson = False) -> None:
+    """List batches, newest first."""
+    data = api.get("/v1/batches", limit=limit)
+    if as_json:
+        print_json(data, plain=True)
+        return
+    print_table(BATCH_COLUMNS, batch_rows(data["data"]))
+
+
+@command(batches_app, "get")
+def get(batch_id: Annotated[str, typer.Argument(help="The batch's id.")], api: Api,
+        as_json: AsJson = False) -> None:
+    """Show a batch (JSON)."""
+    print_json(api.get(f"/v1/batches/{batch_id}"), plain=as_json)
+
+
+@command(batches_app, "cancel")
+def cancel(batch_id: Annotated[str, typer.Argument(help="The batch's id.")], api: Api) -> None:
     """Cancel a batch; finished lines are kept."""
-    _print_json(request(base_url, api_key, "POST", f"batches/{batch_id}/cancel"))
+    print_json(api.request("POST", f"/v1/batches/{batch_id}/cancel"))
 
 
-@batches_app.command("pause")
-def pause(batch_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
-    """Pause a batch (extension): no new chunk starts until it is resumed; chunks running
-    finish. Its completion window keeps running."""
-    _print_json(request(base_url, api_key, "POST", f"batches/{batch_id}/pause"))
+@command(batches_app, "pause")
+def pause(batch_id: Annotated[str, typer.Argument(help="The batch's id.")], api: Api) -> None:
+    """Pause a batch (extension): no new chunk starts until it is resumed.
+
+    Chunks running finish. Its completion window keeps running."""
+    print_json(api.request("POST", f"/v1/batches/{batch_id}/pause"))
 
 
-@batches_app.command("resume")
-def resume(batch_id: str, base_url: BaseUrl = DEFAULT_URL,
-           api_key: ApiKey = "batchery") -> None:
+@command(batches_app, "resume")
+def resume(batch_id: Annotated[str, typer.Argument(help="The batch's id.")], api: Api) -> None:
     """Resume a paused batch (extension)."""
-    _print_json(request(base_url, api_key, "POST", f"batches/{batch_id}/resume"))
+    print_json(api.request("POST", f"/v1/batches/{batch_id}/resume"))
 
 
-@batches_app.command("wait")
-def wait(batch_id: str, interval: float = 1.0, timeout: float | None = None,
-         base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery") -> None:
-    """Follow a batch with a progress bar until it ends. Exit code 0 only if completed."""
+def follow(api: Api, batch_id: str, interval: float, timeout: float | None,
+           progress: bool = True) -> dict[str, Any]:
+    """Poll the batch until it ends (its warnings first); exit 3 past `timeout`."""
     deadline = time.monotonic() + timeout if timeout else None
     warned = False
-    with BatchProgress(console=errors) as progress:
+    with BatchProgress(console=errors, enabled=progress) as bar:
         while True:
-            batch = request(base_url, api_key, "GET", f"batches/{batch_id}")
+            batch: dict[str, Any] = api.get(f"/v1/batches/{batch_id}")
             if not warned:
                 warned = True
-                print_warnings(errors, batch)
+                print_warnings(batch)
             counts = batch["request_counts"]
-            progress.update(batch["status"], counts["total"], counts["completed"],
-                            counts["failed"])
-            if batch["status"] in TERMINAL:
-                break
+            bar.update(batch["status"], counts["total"], counts["completed"],
+                       counts["failed"])
+            if batch["status"] in BATCH_TERMINAL:
+                return batch
             if deadline is not None and time.monotonic() > deadline:
-                errors.print("[yellow]timed out waiting[/yellow]")
+                errors.print(f"[yellow]timed out waiting: the batch {batch_id} is still "
+                             f"{batch['status']}[/yellow]")
                 raise typer.Exit(3)
             time.sleep(interval)
-    _print_json(batch)
+
+
+@command(batches_app, "wait")
+def wait(batch_id: Annotated[str, typer.Argument(help="The batch's id.")], api: Api,
+         interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
+         timeout: Annotated[float | None, typer.Option(
+             help="Give up (exit 3) after this many seconds.")] = None) -> None:
+    """Follow a batch with a progress bar until it ends; prints it.
+
+    Exit code 0 only if it completed, 1 if it ended otherwise, 3 past --timeout."""
+    batch = follow(api, batch_id, interval, timeout)
+    print_json(batch)
     if batch["status"] != "completed":
         raise typer.Exit(1)

@@ -19,13 +19,14 @@ from rich.markup import escape
 
 from batchery.cli.options import ChunkSize
 from batchery.cli.progress import BatchProgress
+from batchery.cli.server import open_stores
 from batchery.model.batches import DEFAULT_CHUNK_SIZE, Batch
 from batchery.model.exceptions import ConfigError
-from batchery.runtime import Runtime, open_runtime
+from batchery.runtime import Runtime
 from batchery.settings import Settings
 from batchery.workers import worker as new_worker
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -55,9 +56,9 @@ def run(
             raise typer.Exit(2) from None
         settings = Settings(data_dir=state_dir, config=config, chunk_size=chunk_size)
         try:
-            runtime = open_runtime(settings, publish_deployments=True)
+            runtime = open_stores(settings, publish_deployments=True)
         except ConfigError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}")
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
         try:
             batch = _run_to_end(runtime, input_path, state_dir)

@@ -17,13 +17,13 @@ from rich.progress import (
 
 
 class BatchProgress:
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
         self._progress = Progress(
             TextColumn("[bold]{task.fields[status]:<11}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("failed {task.fields[failed]}"),
             TextColumn("{task.fields[rate]} lines/s"), TimeElapsedColumn(),
             TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, transient=False)
+            console=console, transient=False, disable=not enabled)
         self._task: TaskID | None = None
 
     def __enter__(self) -> BatchProgress:

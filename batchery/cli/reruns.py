@@ -4,7 +4,6 @@ what failed, and read results while the work runs."""
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ import typer
 
 from batchery.cli import client as batches_cli
 from batchery.cli import jobs as jobs_cli
+from batchery.cli.common import Api, command, errors, print_json
 from batchery.client import ResultPage
 
 Output = Annotated[Path | None, typer.Option("-o", "--output", help="Write to a file.")]
@@ -56,50 +56,49 @@ def _drain(read: Callable[[str | None], ResultPage], after: str | None, follow: 
 def _report(page: ResultPage) -> None:
     """Where to carry on: on stderr, so stdout holds only the lines."""
     if page.final:
-        jobs_cli.errors.print("every line has been read: the work has ended")
+        errors.print("every line has been read: the work has ended")
     else:
-        jobs_cli.errors.print(f"next cursor: {page.next_cursor}")
+        errors.print(f"next cursor: {page.next_cursor}")
 
 
-def batch_retry(batch_id: str,
+def batch_retry(batch_id: Annotated[str, typer.Argument(help="The batch's id.")], api: Api,
                 include: Annotated[list[str] | None, typer.Option(
                     "--include", help="Rerun the lines that failed with this code (may "
                                       "repeat): an error code, an HTTP status ('429') or its "
                                       "class ('5xx'). By default, the retriable ones.")] = None,
-                base_url: batches_cli.BaseUrl = batches_cli.DEFAULT_URL,
-                api_key: batches_cli.ApiKey = "batchery") -> None:
+                ) -> None:
     """Rerun the failed lines of an ended batch in a new batch (prints it)."""
-    with jobs_cli._client(base_url, api_key) as client:
+    with api.client() as client:
         batch = client.retry_batch(batch_id, include)
-    batches_cli.console.print_json(json.dumps(batch))
+    print_json(batch)
 
 
-def batch_results(batch_id: str, after: After = None, follow: Follow = False,
+def batch_results(batch_id: Annotated[str, typer.Argument(help="The batch's id.")], api: Api,
+                  after: After = None, follow: Follow = False,
                   limit: Limit = 1000, interval: Interval = 1.0, output: Output = None,
-                  base_url: batches_cli.BaseUrl = batches_cli.DEFAULT_URL,
-                  api_key: batches_cli.ApiKey = "batchery") -> None:
-    """A batch's output and error lines committed so far, one JSON line each, even while it
-    runs; the cursor to carry on from goes to stderr."""
-    with jobs_cli._client(base_url, api_key) as client, _writing(output) as out:
+                  ) -> None:
+    """A batch's output and error lines so far, one JSON line each, even while it runs.
+
+    The cursor to carry on from goes to stderr."""
+    with api.client() as client, _writing(output) as out:
         last = _drain(lambda at: client.batch_results_page(batch_id, after=at, limit=limit),
                       after, follow, interval, out)
     _report(last)
 
 
-def job_retry(job_id: str, server: jobs_cli.ServerUrl = jobs_cli.DEFAULT_SERVER,
-              api_key: jobs_cli.ApiKey = None) -> None:
+def job_retry(job_id: jobs_cli.JobId, api: Api) -> None:
     """Rerun the dead-letter batches of an ended job in a new job (prints its id)."""
-    with jobs_cli._client(server, api_key) as client:
+    with api.client() as client:
         typer.echo(client.retry_job(job_id)["id"])
 
 
-def job_results(job_id: str, after: After = None, follow: Follow = False,
+def job_results(job_id: jobs_cli.JobId, api: Api, after: After = None, follow: Follow = False,
                 limit: Limit = 1000, interval: Interval = 1.0, output: Output = None,
-                server: jobs_cli.ServerUrl = jobs_cli.DEFAULT_SERVER,
-                api_key: jobs_cli.ApiKey = None) -> None:
-    """The job's results, one JSON line per item: those written so far, even while it runs;
-    with --follow, all of them."""
-    with jobs_cli._client(server, api_key) as client, _writing(output) as out:
+                ) -> None:
+    """The job's results, one JSON line per item, even while it runs.
+
+    Those written so far; with --follow, all of them."""
+    with api.client() as client, _writing(output) as out:
         last = _drain(lambda at: client.results_page(job_id, after=at, limit=limit),
                       after, follow, interval, out)
     if not last.final:
@@ -108,7 +107,7 @@ def job_results(job_id: str, after: After = None, follow: Follow = False,
 
 def register() -> None:
     """Add the commands to `batchery batches` and `batchery jobs`."""
-    batches_cli.batches_app.command("retry")(batch_retry)
-    batches_cli.batches_app.command("results")(batch_results)
-    jobs_cli.jobs_app.command("results")(job_results)
-    jobs_cli.jobs_app.command("retry")(job_retry)
+    command(batches_cli.batches_app, "retry")(batch_retry)
+    command(batches_cli.batches_app, "results")(batch_results)
+    command(jobs_cli.jobs_app, "results")(job_results)
+    command(jobs_cli.jobs_app, "retry")(job_retry)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -18,21 +22,25 @@ from rich.console import Console
 from rich.markup import escape
 
 from batchery import backends
+from batchery.cli import api_procs
 from batchery.cli.options import ChunkSize, DatabaseUrl, DataDir, FilesUrl, LeaseSeconds, MaxTasks
 from batchery.model.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
 from batchery.model.deployments import API, Resources, WorkerPoolSpec, widest
 from batchery.model.exceptions import ConfigError
 from batchery.model.leases import DEFAULT_LEASE_S
+from batchery.model.owners import HEARTBEAT_S, OwnershipConflict
 from batchery.ports.store import Store
 from batchery.queue.pool import Executor, PoolPlan, Supervisor
 from batchery.queue.worker import WorkerConfig
-from batchery.runtime import open_runtime
+from batchery.runtime import Runtime, open_runtime
 from batchery.security.auth import KeyRing
 from batchery.security.trust import TrustPolicy
 from batchery.settings import DEFAULT_DATA_DIR, Settings
+from batchery.stores.sql.store import SqlStore
 from batchery.workers import worker as new_worker
 
-console = Console(stderr=True)
+#: Errors stay one line whatever the terminal's width.
+console = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("batchery")
 
 
@@ -52,7 +60,7 @@ def register(app: typer.Typer) -> None:
 
 def serve(
     host: Annotated[str, typer.Option(envvar="BATCHERY_HOST")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="BATCHERY_PORT")] = 8000,
+    port: Annotated[int, typer.Option(envvar="BATCHERY_PORT", min=0, max=65535)] = 8000,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     database_url: DatabaseUrl = None,
     files_url: FilesUrl = None,
@@ -83,10 +91,14 @@ def serve(
         "--ray-address", envvar="BATCHERY_RAY_ADDRESS",
         help="Run every worker pool as actors on the Ray cluster at this address "
              "(host:port, or `auto`); needs the `ray` extra.")] = None,
+    take_over: Annotated[bool, typer.Option(
+        "--take-over", help="Replace deployments and endpoints that another running server "
+                            "on this store declared differently.")] = False,
+    api_workers: Annotated[int, typer.Option(
+        "--api-workers", envvar="BATCHERY_API_WORKERS", min=1,
+        help="Processes serving the HTTP API on the one port (reads spread over them).")] = 1,
 ) -> None:
     """Run the HTTP API and a pool of worker processes."""
-    import uvicorn
-
     from batchery.api.app import create_app
 
     _logging(log_level)
@@ -101,14 +113,23 @@ def serve(
                         config=config, keys_file=keys_file, chunk_size=chunk_size,
                         lease_s=lease_seconds, max_tasks=max_tasks,
                         message_batch_window_s=message_batch_window,
-                        allow_code_deployments=allow_code_deployments)
+                        allow_code_deployments=allow_code_deployments, take_over=take_over)
     size = _default_workers() if workers is None else workers
+    _check_port(host, port)
     try:
         keys = KeyRing.load(keys_file)
-        runtime = open_runtime(settings, publish_deployments=True)
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        runtime = open_stores(settings, publish_deployments=True)
+    except OwnershipConflict as exc:
+        for line in exc.lines:
+            console.print(f"[red]error:[/red] {escape(line)}", highlight=False)
         raise typer.Exit(2) from None
+    except ConfigError as exc:
+        message = str(exc)
+        if config is not None and message.startswith("deployment '"):
+            message = f"{config}: {message}"  # name the file the deployment is in
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+        raise typer.Exit(2) from None
+    alive = Alive(runtime.store, settings.server_identity().id)
     executor = None
     if ray_address:
         from batchery.cli import ray_pools
@@ -121,7 +142,13 @@ def serve(
     # Jobs run on each deployment's own pool; `--workers 0` means the API alone.
     pools = supervisor(settings, runtime.store, log_level, batch_workers=size,
                        policy=runtime.policy, executor=executor)
-    app = create_app(runtime, keys, on_shutdown=pools.stop)
+
+    def on_shutdown() -> None:  # uvicorn ends the process by the signal it caught after this
+        pools.stop()
+        alive.stop()
+
+    app = create_app(runtime, keys, on_shutdown=on_shutdown)
+    alive.start()
     pools.start()
     names = ", ".join(d.name for d in runtime.store.list_deployments() if not d.endpoint)
     where = f" on Ray at {ray_address}" if ray_address else ""
@@ -129,13 +156,95 @@ def serve(
                   f"deployments: {names}; database: {redacted(settings.db_url)}; "
                   f"files: {redacted(settings.file_store_url)}", highlight=False)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level.lower(),
-                    timeout_graceful_shutdown=5)
+        api_procs.serve(app, settings, host=host, port=port, log_level=log_level,
+                        processes=api_workers)
     finally:
         pools.stop()
+        alive.stop()
         if executor is not None:
             executor.close()
         runtime.close()
+
+
+def open_stores(settings: Settings, *, publish_deployments: bool = False) -> Runtime:
+    """`open_runtime`, with a database or data directory that cannot be opened reported as
+    a `ConfigError` that names the option, not as a driver's traceback."""
+    import sqlalchemy.exc
+
+    if settings.database_url:
+        what = f"--database-url {redacted(settings.database_url)}"
+    else:
+        what = f"--data-dir {settings.data_dir}: the SQLite database {settings.db_url}"
+    try:
+        return open_runtime(settings, publish_deployments=publish_deployments)
+    except (sqlalchemy.exc.ArgumentError, ModuleNotFoundError) as exc:
+        raise ConfigError(
+            f"{what} is not a database URL Batchery can open ({_first_line(exc)}); valid: "
+            f"postgresql://USER:PASSWORD@HOST:PORT/DB or sqlite:///PATH/TO/FILE.db") from None
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+        raise ConfigError(f"{what}: cannot connect: {_first_line(exc.orig or exc)}") from None
+    except OSError as exc:
+        raise ConfigError(f"--data-dir {settings.data_dir}: cannot use it: "
+                          f"{exc.strerror or exc} ({exc.filename or settings.data_dir})") \
+            from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse, in a sentence and before anything starts, a port that cannot be listened
+    on (taken by another process, or a host that is not this machine's)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        console.print(f"[red]error:[/red] --host {escape(host)}: not an address or name of "
+                      f"this machine ({exc.strerror or exc})", highlight=False)
+        raise typer.Exit(2) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            taken = exc.errno == errno.EADDRINUSE
+            reason = ("another process listens on it (another `batchery serve`?); choose "
+                      "another with --port" if taken else f"{exc.strerror or exc}")
+            console.print(f"[red]error:[/red] --port {port} on {escape(host)}: cannot listen: "
+                          f"{reason}", highlight=False)
+            raise typer.Exit(2) from None
+
+
+class Alive:
+    """Says every `HEARTBEAT_S` in the store that this server runs, and at the end that it
+    stopped: what it declared is then free for another server's config."""
+
+    def __init__(self, store: SqlStore, server_id: str) -> None:
+        self.store, self.server_id = store, server_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="server-heartbeat",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.store.heartbeat_server(self.server_id)
+            except Exception:
+                log.warning("could not record this server's heartbeat", exc_info=True)
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        with contextlib.suppress(Exception):
+            self.store.stop_server(self.server_id)
 
 
 def redacted(url: str) -> str:
@@ -258,7 +367,11 @@ def worker(
         data_dir=data_dir, database_url=database_url, files_url=files_url,
         lease_seconds=lease_seconds, grace_seconds=grace_seconds, jobs=jobs, batches=batches,
         deployment=deployment, idle_exit=idle_exit)
-    runtime = open_runtime(settings)
+    try:
+        runtime = open_stores(settings)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
     the_worker = new_worker(runtime.store, runtime.files, config, doorbell=runtime.doorbell)
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:

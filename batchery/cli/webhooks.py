@@ -6,131 +6,128 @@ JSON with its signing secret, which the server shows only then."""
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from batchery.cli.client import DEFAULT_URL, ApiKey, BaseUrl, request
+from batchery.cli.common import Api, AsJson, Col, command, print_json, print_table, when
 
 webhooks_app = typer.Typer(help="Webhook endpoints: create, list, rotate secrets, send test "
                                 "events, read delivery attempts.", no_args_is_help=True)
-console = Console()
-
-AsJson = Annotated[bool, typer.Option("--json", help="Print the server's JSON answer.")]
+EndpointId = Annotated[str, typer.Argument(help="The endpoint's id (we_…).")]
 
 
 def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2))
+    print_json(data, plain=True)
 
 
-def _when(seconds: Any) -> str:
-    return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S",
-                                                     time.localtime(seconds))
-
-
-@webhooks_app.command("create")
+@command(webhooks_app, "create")
 def create(
     url: Annotated[str, typer.Option(help="The receiver's http(s) URL.")],
     event_types: Annotated[list[str], typer.Option(
         "--event-type", "-e", help="An event type to receive; may repeat (see "
                                    "GET /v1/webhook_event_types).")],
+    api: Api,
     name: Annotated[str | None, typer.Option(help="A name; default: the URL's host.")] = None,
-    base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery",
 ) -> None:
     """Create an endpoint: prints it with its signing secret (shown this once)."""
     body = {"name": name or httpx.URL(url).host or url, "url": url,
             "event_types": event_types}
-    _print_json(request(base_url, api_key, "POST", "webhook_endpoints", json=body))
+    _print_json(api.request("POST", "/v1/webhook_endpoints", json=body))
 
 
-@webhooks_app.command("list")
-def list_endpoints(limit: int = 100, as_json: AsJson = False, base_url: BaseUrl = DEFAULT_URL,
-                   api_key: ApiKey = "batchery") -> None:
+@command(webhooks_app, "list")
+def list_endpoints(api: Api,
+                   limit: Annotated[int, typer.Option(min=1, help="The most endpoints to "
+                                                                  "list.")] = 100,
+                   as_json: AsJson = False) -> None:
     """List the project's endpoints, newest first."""
-    data = request(base_url, api_key, "GET", "webhook_endpoints", params={"limit": limit})
+    data = api.get("/v1/webhook_endpoints", limit=limit)
     if as_json:
         _print_json(data)
         return
-    table = Table("name", "url", "event types", "status", "secret")
-    table.add_column("id", no_wrap=True)
+    rows: list[tuple[str, ...]] = []
     for e in data["data"]:
         status = e["status"] + (f" ({e['disabled_reason']})" if e["disabled_reason"] else "")
-        table.add_row(escape(e["name"]), escape(e["url"]), ", ".join(e["event_types"]),
-                      escape(status), e["signing_secret_hint"], e["id"])
-    console.print(table)
+        rows.append((e["id"], e["name"], e["url"], ", ".join(e["event_types"]), status,
+                     e["signing_secret_hint"]))
+    print_table([Col("id", "id"), Col("name"), Col("url"), Col("event types"),
+                 Col("status", "status"), Col("secret", "fixed")], rows)
 
 
-@webhooks_app.command("rotate")
+@command(webhooks_app, "get")
+def get(endpoint_id: EndpointId, api: Api, as_json: AsJson = False) -> None:
+    """Show an endpoint (JSON; never its secret)."""
+    print_json(api.get(f"/v1/webhook_endpoints/{endpoint_id}"), plain=as_json)
+
+
+@command(webhooks_app, "rotate")
 def rotate(
-    endpoint_id: str,
+    endpoint_id: EndpointId,
+    api: Api,
     keep_old: Annotated[bool, typer.Option(
         "--keep-old", help="Sign with the previous secret too for 24 hours.")] = False,
-    base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery",
 ) -> None:
     """Rotate an endpoint's signing secret: prints the new one (shown this once)."""
     body = {"keep_old_secret_active_for_24_hours": keep_old}
-    _print_json(request(base_url, api_key, "POST", f"webhook_endpoints/{endpoint_id}/"
-                                                 "rotate_secret", json=body))
+    _print_json(api.request("POST", f"/v1/webhook_endpoints/{endpoint_id}/rotate_secret",
+                            json=body))
 
 
-@webhooks_app.command("test")
+@command(webhooks_app, "test")
 def test(
-    endpoint_id: str,
+    endpoint_id: EndpointId,
+    api: Api,
     event_type: Annotated[str, typer.Option("--event-type", "-e",
                                             help="The sample event's type.")] =
     "batch.completed",
-    base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery",
 ) -> None:
     """Send a sample event through a worker; print the receiver's status (exit 1 if not 2xx)."""
-    result = request(base_url, api_key, "POST", f"webhook_endpoints/{endpoint_id}/test",
-                   json={"event_type": event_type})
+    result = api.request("POST", f"/v1/webhook_endpoints/{endpoint_id}/test",
+                         json={"event_type": event_type})
     code = result["status_code"]
     typer.echo(f"{event_type} -> {endpoint_id}: HTTP {code}")
     if not 200 <= code < 300:
         raise typer.Exit(1)
 
 
-@webhooks_app.command("deliveries")
+@command(webhooks_app, "deliveries")
 def deliveries(
-    endpoint_id: str,
+    endpoint_id: EndpointId,
+    api: Api,
     event_id: Annotated[str | None, typer.Option(help="Only this event's attempts.")] = None,
-    limit: int = 20, as_json: AsJson = False,
-    base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "batchery",
+    limit: Annotated[int, typer.Option(min=1, help="The most attempts to list.")] = 20,
+    as_json: AsJson = False,
 ) -> None:
     """The endpoint's recent delivery attempts, newest first."""
-    params: dict[str, Any] = {"limit": limit, **({"event_id": event_id} if event_id else {})}
-    data = request(base_url, api_key, "GET", f"webhook_endpoints/{endpoint_id}/deliveries",
-                 params=params)
+    data = api.get(f"/v1/webhook_endpoints/{endpoint_id}/deliveries", limit=limit,
+                   event_id=event_id)
     if as_json:
         _print_json(data)
         return
-    table = Table("when", "event type", "attempt", "status", "latency ms", "error")
-    table.add_column("event", no_wrap=True)
+    rows: list[tuple[str, ...]] = []
     for a in data["data"]:
         status = "-" if a["status_code"] is None else str(a["status_code"])
-        table.add_row(_when(a["created_at"]), a["event_type"], str(a["attempt"]),
-                      ("ok " if a["success"] else "failed ") + status,
-                      "-" if a["latency_ms"] is None else str(a["latency_ms"]),
-                      escape(a["error"] or ""), a["event_id"])
-    console.print(table)
+        rows.append((a["event_id"], when(a["created_at"]), a["event_type"], str(a["attempt"]),
+                     ("ok " if a["success"] else "failed ") + status,
+                     "-" if a["latency_ms"] is None else str(a["latency_ms"]),
+                     a["error"] or ""))
+    print_table([Col("event", "id"), Col("when", "fixed"), Col("event type"),
+                 Col("try", "fixed", "right"), Col("status", "status"),
+                 Col("ms", "fixed", "right"), Col("error")], rows)
 
 
-@webhooks_app.command("redeliver")
-def redeliver(endpoint_id: str, event_id: str, base_url: BaseUrl = DEFAULT_URL,
-              api_key: ApiKey = "batchery") -> None:
+@command(webhooks_app, "redeliver")
+def redeliver(endpoint_id: EndpointId,
+              event_id: Annotated[str, typer.Argument(help="The event's id (evt_…).")],
+              api: Api) -> None:
     """Queue an event to the endpoint again (same webhook-id)."""
-    _print_json(request(base_url, api_key, "POST",
-                      f"webhook_endpoints/{endpoint_id}/deliveries/{event_id}/redeliver"))
+    _print_json(api.request(
+        "POST", f"/v1/webhook_endpoints/{endpoint_id}/deliveries/{event_id}/redeliver"))
 
 
-@webhooks_app.command("delete")
-def delete(endpoint_id: str, base_url: BaseUrl = DEFAULT_URL,
-           api_key: ApiKey = "batchery") -> None:
+@command(webhooks_app, "delete")
+def delete(endpoint_id: EndpointId, api: Api) -> None:
     """Delete an endpoint, with its pending deliveries."""
-    _print_json(request(base_url, api_key, "DELETE", f"webhook_endpoints/{endpoint_id}"))
+    _print_json(api.request("DELETE", f"/v1/webhook_endpoints/{endpoint_id}"))

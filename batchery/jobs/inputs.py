@@ -253,14 +253,92 @@ def iter_records(source: str | Source, *, batch_rows: int = 4096) -> Iterator[An
     source = _source(source)
     if source.format in _NDJSON:
         records = _ndjson(source)
-    elif source.format in _CSV:
-        records = _csv(source, _CSV[source.format])
-    elif source.format in _PARQUET:
-        records = _parquet(source, batch_rows)
+    elif is_columnar(source):
+        records = (row for batch in _batches(source, batch_rows) for row in batch.to_pylist())
     else:
         raise RecordError(source.label, "", f"unsupported file type (supported: "
                                             f"{', '.join(SUPPORTED)})")
     yield from _guarded(source, records)
+
+
+def is_columnar(source: str | Source) -> bool:
+    """Whether the file is read by pyarrow (CSV, TSV, Parquet), as record batches."""
+    return _source(source).format in (*_CSV, *_PARQUET)
+
+
+def iter_batches(source: str | Source, *, batch_rows: int = 16384) -> Iterator[Any]:
+    """The records of a CSV, TSV or Parquet file as pyarrow record batches: the rows,
+    with the types pyarrow inferred, that `iter_records` turns into dicts."""
+    source = _source(source)
+    if not is_columnar(source):
+        raise RecordError(source.label, "", "not a CSV, TSV or Parquet file")
+    yield from _guarded(source, _batches(source, batch_rows))
+
+
+#: Field metadata of a column that `jsonable` turned into JSON texts.
+JSON_COLUMN = b"batchery.json"
+
+
+def jsonable(batch: Any, source: str | Source) -> Any:
+    """`batch` (a record batch of `source`) with each column as its rows' values come out
+    of a JSON round trip (`orjson`, `default=str`): columns whose values JSON keeps as
+    they are (integers, booleans, strings, nulls) stay; floats lose NaN and infinities
+    (JSON has them as null); every other column (dates, timestamps, decimals, binary,
+    lists, structs) becomes one JSON text per row, marked `JSON_COLUMN`. So `to_items`
+    gives the items a JSON line per row would have given. No schema metadata is kept."""
+    import pyarrow as pa
+
+    try:
+        fields, arrays = [], []
+        for field, column in zip(batch.schema, batch.columns, strict=True):
+            kind = field.type
+            if _json_native(kind):
+                field = field.remove_metadata()
+            elif pa.types.is_float32(kind) or pa.types.is_float64(kind):
+                field, column = field.remove_metadata(), _finite(column)
+            else:
+                column = pa.array([dump(value) for value in column.to_pylist()], pa.binary())
+                field = pa.field(field.name, pa.binary(), metadata={JSON_COLUMN: b"1"})
+            fields.append(field)
+            arrays.append(column)
+        return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+    except Exception as exc:
+        raise _read_error(_source(source), exc) from None
+
+
+def to_items(table: Any) -> list[Any]:
+    """The items of a table (or record batch) of `jsonable` columns: a dict per row."""
+    json_columns = [(field.name, table.column(i)) for i, field in enumerate(table.schema)
+                    if field.metadata and field.metadata.get(JSON_COLUMN)]
+    items: list[Any] = table.to_pylist()
+    for name, column in json_columns:
+        for item, text in zip(items, column.to_pylist(), strict=True):
+            item[name] = orjson.loads(text)
+    return items
+
+
+def _json_native(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_integer(kind) or pa.types.is_boolean(kind)
+                or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                or pa.types.is_null(kind))
+
+
+def _finite(column: Any) -> Any:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    finite = pc.is_finite(column)
+    if pc.all(finite).as_py() is False:
+        return pc.if_else(finite, column, pa.scalar(None, column.type))
+    return column
+
+
+def dump(value: Any) -> bytes:
+    """An item as JSON, the way a JSON line of a segment holds it: what JSON cannot hold
+    (a date, a decimal) becomes its `str`."""
+    return orjson.dumps(value, default=str, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _guarded(source: Source, values: Iterator[Any]) -> Iterator[Any]:
@@ -298,21 +376,24 @@ def _ndjson(source: Source) -> Iterator[Any]:
                                   f"not valid JSON: {exc}") from None
 
 
+def _batches(source: Source, batch_rows: int) -> Iterator[Any]:
+    if source.format in _CSV:
+        return _csv(source, _CSV[source.format])
+    return _parquet(source, batch_rows)
+
+
 def _csv(source: Source, delimiter: str) -> Iterator[Any]:
     from pyarrow import csv
 
     with fsspec.open(source.url, "rb") as stream:
-        reader = csv.open_csv(stream, parse_options=csv.ParseOptions(delimiter=delimiter))
-        for batch in reader:
-            yield from batch.to_pylist()
+        yield from csv.open_csv(stream, parse_options=csv.ParseOptions(delimiter=delimiter))
 
 
 def _parquet(source: Source, batch_rows: int) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
     with fsspec.open(source.url, "rb") as stream:
-        for batch in pq.ParquetFile(stream).iter_batches(batch_size=batch_rows):
-            yield from batch.to_pylist()
+        yield from pq.ParquetFile(stream).iter_batches(batch_size=batch_rows)
 
 
 def _parquet_rows(source: Source) -> Iterator[int]:

@@ -11,6 +11,8 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import os
+import threading
 import time
 import traceback
 from collections import OrderedDict
@@ -56,6 +58,71 @@ log = logging.getLogger("batchery.jobs")
 ENQUEUE_ATTEMPTS = 3
 #: Predictors kept loaded per worker (one per job).
 MAX_LOADED = 2
+
+
+def _folder(module: Any) -> str:
+    return os.path.dirname(os.path.abspath(str(module.__file__))) + os.sep
+
+
+#: Where frames that are not the user's come from: Batchery itself, and the machinery that
+#: runs a predictor (asyncio, threads, context managers, imports).
+_NOT_USERS = (_folder(__import__("batchery")), _folder(asyncio),
+              _folder(__import__("concurrent.futures")), os.path.abspath(threading.__file__),
+              os.path.abspath(contextlib.__file__), "<frozen importlib")
+
+
+def _users(frame: traceback.FrameSummary) -> bool:
+    return not frame.filename.startswith(_NOT_USERS)
+
+
+def readable_traceback(exc: BaseException) -> str:
+    """`exc`'s traceback as a predictor's author reads it: their own frames, with each run
+    of Batchery's and asyncio's frames folded into one line, and the exception line. A
+    trace without a frame of the user's is kept whole (the fault is then Batchery's).
+    Chained exceptions (`raise … from`, an error while handling another) get the same."""
+    shown = traceback.TracebackException.from_exception(exc)
+    chain: list[tuple[traceback.TracebackException, str | None]] = []
+    seen: set[int] = set()
+    current: traceback.TracebackException | None = shown
+    note: str | None = None
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append((current, note))
+        if current.__cause__ is not None:
+            current, note = current.__cause__, _CAUSE
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, note = current.__context__, _CONTEXT
+        else:
+            current = None
+    if not any(_users(f) for part, _ in chain for f in part.stack):
+        return "".join(shown.format())
+    out: list[str] = []
+    for part, note in reversed(chain):
+        if part.stack:
+            out.append("Traceback (most recent call last):\n")
+            folded = 0
+            for frame in part.stack:
+                if not _users(frame):
+                    folded += 1
+                    continue
+                if folded:
+                    out.append(_folded(folded))
+                    folded = 0
+                out.append(traceback.StackSummary.from_list([frame]).format()[0])
+            if folded:
+                out.append(_folded(folded))
+        out.extend(part.format_exception_only())
+        if note is not None:
+            out.append(f"\n{note}\n\n")
+    return "".join(out)
+
+
+_CAUSE = "The above exception was the direct cause of the following exception:"
+_CONTEXT = "During handling of the above exception, another exception occurred:"
+
+
+def _folded(count: int) -> str:
+    return f"  … {count} frame{'s' if count > 1 else ''} of batchery/asyncio folded …\n"
 
 
 
@@ -133,7 +200,7 @@ class JobRunner:
             log.info("job %s changed while this worker worked on it; leaving it", job.id)
         except Exception as exc:
             # The traceback once; later failures of the same work in a line each.
-            detail = (traceback.format_exc() if lease.attempts == 0
+            detail = (readable_traceback(exc) if lease.attempts == 0
                       else f"{type(exc).__name__}: {exc}")
             self.joblog.write(job.id, "ERROR", f"job-level work failed (try "
                                                f"{lease.attempts + 1} of {MAX_PHASE_ATTEMPTS});"
@@ -169,7 +236,7 @@ class JobRunner:
         except Exception as exc:
             permanent = not isinstance(exc, OSError | ConnectionError | TimeoutError)
             self.joblog.write(lease.job.id, "ERROR",
-                              f"enqueuing failed: {exc}\n{traceback.format_exc()}")
+                              f"enqueuing failed: {exc}\n{readable_traceback(exc)}")
             if self.store.fail_enqueue(lease, str(exc), permanent=permanent,
                                        max_attempts=ENQUEUE_ATTEMPTS):
                 self.joblog.write(lease.job.id, "ERROR", "the job failed while enqueuing")
@@ -202,11 +269,13 @@ class JobRunner:
         for batch in dead:
             spec = batch.spec
             data = self.files.read_range(spec.segment_key, spec.start_offset, spec.end_offset)
+            # JSON lines go out as they are; an Arrow batch's items as JSON, the same.
+            items = (enqueue.read_items(spec, data) if enqueue.is_arrow(spec) else
+                     [orjson.Fragment(line) for line in data.splitlines() if line])
             yield orjson.dumps({
                 "batch_id": f"{batch.job_id}:{spec.index}", "index": spec.index,
                 "first_item": spec.first_item, "attempts": batch.attempts,
-                "error": batch.last_error,
-                "items": [orjson.Fragment(line) for line in data.splitlines() if line],
+                "error": batch.last_error, "items": items,
             }) + b"\n"
 
     def _result_parts(self, job: Job) -> Iterator[bytes]:
@@ -223,18 +292,18 @@ class JobRunner:
     def _on_job_complete(self, job: Job) -> None:
         try:
             predictor = self._predictor(job)
-        except Exception:
+        except Exception as exc:
             self.joblog.write(job.id, "ERROR", "could not load the predictor to run "
-                                               f"on_job_complete:\n{traceback.format_exc()}")
+                                               f"on_job_complete:\n{readable_traceback(exc)}")
             return
         if not predictor.has_on_job_complete:
             return
         self.joblog.write(job.id, "INFO", "executing on_job_complete")
         try:
             self._run(predictor.on_job_complete())
-        except Exception:
+        except Exception as exc:
             self.joblog.write(job.id, "ERROR",
-                              f"on_job_complete raised:\n{traceback.format_exc()}")
+                              f"on_job_complete raised:\n{readable_traceback(exc)}")
 
     # -- batches -----------------------------------------------------------------------
 
@@ -278,13 +347,19 @@ class JobRunner:
     def _split(self, lease: BatchLease) -> None:
         """Cut a batch whose workers keep dying in two, to find the item at fault."""
         spec = lease.spec
-        data = self.files.read_range(spec.segment_key, spec.start_offset, spec.end_offset)
-        ends = [i + 1 for i, byte in enumerate(data) if byte == 0x0A]
         cut = halves(spec.n_items)
-        middle = spec.start_offset + ends[cut - 1]
-        specs = [dataclasses.replace(spec, end_offset=middle, n_items=cut),
-                 dataclasses.replace(spec, start_offset=middle, first_item=spec.first_item + cut,
-                                     n_items=spec.n_items - cut)]
+        head = dataclasses.replace(spec, n_items=cut)
+        tail = dataclasses.replace(spec, first_item=spec.first_item + cut,
+                                   n_items=spec.n_items - cut)
+        if not enqueue.is_arrow(spec):
+            # JSON lines: each half gets the bytes of its own lines. (Arrow streams say
+            # which rows they hold: both halves keep the range, and read their items.)
+            data = self.files.read_range(spec.segment_key, spec.start_offset, spec.end_offset)
+            ends = [i + 1 for i, byte in enumerate(data) if byte == 0x0A]
+            middle = spec.start_offset + ends[cut - 1]
+            head = dataclasses.replace(head, end_offset=middle)
+            tail = dataclasses.replace(tail, start_offset=middle)
+        specs = [head, tail]
         if self.store.split_batch(lease, specs):
             self.joblog.write(lease.job.id, "WARNING",
                               f"batch {spec.index}: its workers stopped {lease.expiries} times "
@@ -312,7 +387,7 @@ class JobRunner:
     def _items(self, lease: BatchLease) -> list[Any]:
         spec = lease.spec
         data = self.files.read_range(spec.segment_key, spec.start_offset, spec.end_offset)
-        return [orjson.loads(line) for line in data.splitlines() if line]
+        return enqueue.read_items(spec, data)
 
     async def _predict(self, lease: BatchLease, predictor: LoadedPredictor,
                        items: list[Any]) -> list[Any] | None:
@@ -363,7 +438,7 @@ class JobRunner:
 
     def _failed(self, lease: BatchLease, exc: Exception, duration: float) -> None:
         job, index = lease.job, lease.spec.index
-        detail = str(exc) if isinstance(exc, BatchFailed) else traceback.format_exc()
+        detail = str(exc) if isinstance(exc, BatchFailed) else readable_traceback(exc)
         dead = self.store.fail_batch_attempt(
             lease, detail, delay_s=self.retry.delay(lease.attempts + 1))
         what = "out of retries: it is now a dead letter" if dead else "it will be retried"

@@ -156,8 +156,10 @@ def parse(data: Any, source: str = "config", base_dir: Path | None = None, *,
                                           or isinstance(data.get("endpoints"), list)):
         raise ConfigError(f"{source}: expected a mapping with a 'deployments' or an "
                           f"'endpoints' list")
+    _known_keys(data, _CONFIG_KEYS, source)
     result: list[Deployment] = []
     for i, item in enumerate(data.get("deployments") or []):
+        _known_keys(item, _DEPLOYMENT_KEYS, f"{source}: deployments[{i}]")
         deployment = parse_deployment(item, f"{source}: deployments[{i}]", base_dir=base_dir,
                                       check_options=check_options)
         if any(d.name == deployment.name for d in result):
@@ -166,6 +168,10 @@ def parse(data: Any, source: str = "config", base_dir: Path | None = None, *,
         result.append(deployment)
     endpoints: list[Endpoint] = []
     for i, item in enumerate(data.get("endpoints") or []):
+        _known_keys(item, _ENDPOINT_KEYS, f"{source}: endpoints[{i}]")
+        for j, member in enumerate(item.get("deployments") or []
+                                   if isinstance(item, dict) else []):
+            _known_keys(member, _DEPLOYMENT_KEYS, f"{source}: endpoints[{i}].deployments[{j}]")
         endpoint, members = parse_endpoint(item, f"{source}: endpoints[{i}]", base_dir,
                                            check_options=check_options)
         taken = {d.name for d in result} | {e.name for e in endpoints}
@@ -175,6 +181,21 @@ def parse(data: Any, source: str = "config", base_dir: Path | None = None, *,
         endpoints.append(endpoint)
         result.extend(members)
     return Catalog(deployments=result, endpoints=endpoints)
+
+
+_CONFIG_KEYS = ("deployments", "endpoints", "security", "projects")
+_DEPLOYMENT_KEYS = ("name", "backend", "options", "workers", "resources", "project",
+                    "projects", "prices")
+_ENDPOINT_KEYS = ("name", "deployments", "default_deployment", "project", "projects")
+
+
+def _known_keys(item: Any, known: tuple[str, ...], where: str) -> None:
+    """A misspelt key of a config file is an error, not a setting silently ignored."""
+    if not isinstance(item, dict):
+        return
+    unknown = [k for k in item if k not in known]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (valid: {', '.join(known)})")
 
 
 def parse_deployment(item: Any, where: str, *, endpoint: str | None = None,

@@ -109,13 +109,17 @@ class JobInput:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BatchMetrics:
-    succeeded: int = 0
+    """A job's batches so far. A batch is tried until it succeeds or runs out of retries
+    (then it is a dead letter), so attempts and batches are counted apart."""
+
+    succeeded: int = 0  #: batches that succeeded (each once, whatever its attempts)
     failed: int = 0  #: failed attempts, so a batch retried twice counts twice
-    dead_letters: int = 0
+    dead_letters: int = 0  #: batches out of retries
     total_time_s: float = 0.0  #: of the succeeded attempts
 
     @property
     def average_time_per_batch(self) -> float | None:
+        """Seconds per succeeded batch (its successful attempt); None before the first."""
         return self.total_time_s / self.succeeded if self.succeeded else None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import secrets
@@ -79,6 +80,9 @@ class WorkerContext:
     done: Callable[[], None]
     #: Tell the other idle workers there is new work (a batch validated, a job enqueued).
     ring: Callable[[], None] = lambda: None
+    #: Whether this worker's last turn found work: a handler may then look for its kind of
+    #: work less often (the turn after the last piece of work asks every handler again).
+    busy: bool = False
 
 
 class Handler(Protocol):
@@ -117,6 +121,8 @@ class Worker:
         self._stop_asked_at: float | None = None
         self._runner = asyncio.Runner()
         self._next_housekeeping = 0.0
+        self._reported_state: str | None = None
+        self._reported_at = 0.0
         self._last_work = time.monotonic()
         self.context = WorkerContext(id=self.info.id, host=self.info.host, pid=self.info.pid,
                                      config=self.config, overdue=self._overdue,
@@ -140,6 +146,10 @@ class Worker:
         log.info("worker %s started", self.info.id)
         for handler in self.handlers:
             handler.start()
+        # What start-up made (modules, the app's objects) lives as long as the process: out
+        # of the collector's way, so that a chunk's collections walk only what it made.
+        gc.collect()
+        gc.freeze()
         try:
             while not self.stopping:
                 if self.run_once():
@@ -151,7 +161,7 @@ class Worker:
                 else:
                     self._idle()
         finally:
-            self._report("stopped", None)
+            self._report("stopped", None, force=True)
             for handler in reversed(self.handlers):
                 try:
                     handler.close()
@@ -179,7 +189,12 @@ class Worker:
         self._housekeeping()
         for handler in self.handlers:
             if handler.run_once():
+                self.context.busy = True
                 return True
+        if self.context.busy:
+            # The first turn without work: ask every handler again before idling.
+            self.context.busy = False
+            return self.run_once()
         self._report("idle", None)
         return False
 
@@ -193,11 +208,18 @@ class Worker:
                 handler.housekeeping()
             except Exception:
                 log.exception("housekeeping of %s failed", type(handler).__name__)
-        self._report(self.info.state, self.info.current)
+        self._report(self.info.state, self.info.current, force=True)
 
-    def _report(self, state: str, current: str | None) -> None:
+    def _report(self, state: str, current: str | None, *, force: bool = False) -> None:
+        """Record what this worker does: at once when its state changes, else at most once
+        per housekeeping period (a write per chunk would cost a transaction per chunk)."""
         self.info = dataclasses.replace(self.info, state=state, current=current,
                                         last_heartbeat=time.time())
+        now = time.monotonic()
+        if not force and state == self._reported_state \
+                and now - self._reported_at < self.config.housekeeping_s:
+            return
+        self._reported_state, self._reported_at = state, now
         try:
             self.registry.heartbeat_worker(self.info)
         except Exception:

@@ -88,7 +88,7 @@ def _done_chunks(db: Path) -> int:
 
 def test_client_commands(tmp_path: Path, server_factory: Any) -> None:
     server: Server = server_factory("--workers", "1")
-    common = ["--base-url", server.v1, "--api-key", "k"]
+    common = ["--server", server.base_url, "--api-key", "k"]
     uploaded = batchery("files", "upload", str(ROOT / "examples" / "requests.jsonl"), *common)
     assert uploaded.returncode == 0, uploaded.stderr
     file_id = orjson.loads(uploaded.stdout)["id"]
@@ -109,7 +109,8 @@ def test_client_commands(tmp_path: Path, server_factory: Any) -> None:
     assert downloaded.returncode == 0 and sorted(custom_ids(target)) == ["request-1",
                                                                           "request-2"]
     listed = batchery("batches", "list", *common)
-    assert batch["id"][:20] in listed.stdout
+    assert batch["id"][:8] in listed.stdout and batch["id"][-6:] in listed.stdout
+    assert " completed " in listed.stdout
     assert batchery("files", "list", *common).returncode == 0
     refused = batchery("batches", "cancel", batch["id"], *common)
     assert refused.returncode == 1
@@ -121,7 +122,7 @@ def test_client_commands(tmp_path: Path, server_factory: Any) -> None:
 
 
 def test_unreachable_server_is_a_clear_error() -> None:
-    result = batchery("batches", "list", "--base-url", "http://127.0.0.1:9/v1")
+    result = batchery("batches", "list", "--server", "http://127.0.0.1:9")
     assert result.returncode == 1 and "cannot reach" in result.stderr
 
 

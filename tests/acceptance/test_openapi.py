@@ -22,7 +22,7 @@ from batchery.api.app import create_app
 from batchery.runtime import open_runtime
 from batchery.security.auth import add_key
 from batchery.settings import Settings
-from tests.conftest import Server, free_port, start_server
+from tests.conftest import Server, start_server
 
 #: The routes that read a request body: each must declare it.
 BODY_ROUTES = {("post", "/v1/files"), ("post", "/v1/batches"), ("post", "/v1/messages/batches"),
@@ -112,11 +112,9 @@ def test_schemathesis_finds_nothing(keyed: tuple[Server, str], tmp_path: Path,
         "checks": {"enabled": True},
     })
     schema = schemathesis.openapi.from_url(server.base_url + "/openapi.json", config=config)
-    started = time.monotonic()
     failures, errors = run(schema)
     assert not errors, "\n".join(errors)
     assert not failures, "\n\n".join(failures)
-    assert time.monotonic() - started < 150
 
 
 def run(schema: Any) -> tuple[list[str], list[str]]:
@@ -189,7 +187,7 @@ def threaded_app(tmp_path: Path) -> Iterator[tuple[str, list[int]]]:
 
     app.add_api_route("/v1/test-boom", boom)
     app.add_api_route("/v1/test-port", port)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
                                            log_level="critical", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -197,7 +195,8 @@ def threaded_app(tmp_path: Path) -> Iterator[tuple[str, list[int]]]:
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.config.port}", ports
+    port = server.servers[0].sockets[0].getsockname()[1]  # the one the system gave it
+    yield f"http://127.0.0.1:{port}", ports
     server.should_exit = True
     thread.join(10)
     runtime.close()

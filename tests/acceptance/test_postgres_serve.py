@@ -12,23 +12,37 @@ import orjson
 import pytest
 from openai import OpenAI
 
+from batchery.ports.store import WorkerInfo
+from batchery.stores.sql.store import SqlStore
 from tests.conftest import Server
-from tests.helpers import chat_file
+from tests.helpers import SDK_DEPLOYMENTS, chat_file, eventually
 
 
 @pytest.mark.postgres
 def test_batches_run_on_postgres_with_an_outside_worker(pg_url: str, tmp_path: Path,
                                                         server_factory: Any) -> None:
+    """500 lines of 40 ms in chunks of 25 (some 20 s of work for one worker): the pool's
+    worker and one started by hand on the same database and files share them."""
     files_dir = tmp_path / "shared-files"
+    config = tmp_path / "deployments.yaml"
+    config.write_text(SDK_DEPLOYMENTS)
     server: Server = server_factory("--database-url", pg_url, "--files-url", str(files_dir),
-                                    "--workers", "1", "--chunk-size", "25")
+                                    "--workers", "1", "--chunk-size", "25",
+                                    "--config", str(config))
     outside = subprocess.Popen(
         [sys.executable, "-m", "batchery", "worker", "--database-url", pg_url,
          "--files-url", str(files_dir), "--data-dir", str(tmp_path / "elsewhere")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = SqlStore.from_url(pg_url)
+
+    def outside_info() -> WorkerInfo | None:
+        return next((w for w in store.list_workers() if w.pid == outside.pid), None)
+
     try:
+        # It has joined (it reports to the store) before there is any work to share.
+        eventually(outside_info, "the outside worker to report", timeout=60)
         with OpenAI(base_url=server.v1, api_key="k") as client:
-            f = client.files.create(file=chat_file(500), purpose="batch")
+            f = client.files.create(file=chat_file(500, model="echo-slow"), purpose="batch")
             batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                           completion_window="24h")
             deadline = time.monotonic() + 90
@@ -36,7 +50,10 @@ def test_batches_run_on_postgres_with_an_outside_worker(pg_url: str, tmp_path: P
                 assert time.monotonic() < deadline and done.status != "failed", done
                 time.sleep(0.3)
             out = client.files.content(done.output_file_id).content.splitlines()
+        info = outside_info()
+        assert info is not None and info.chunks_done > 0, info  # it did some of the work
     finally:
+        store.close()
         outside.terminate()
         assert outside.wait(40) == 0
     ids = [orjson.loads(x)["custom_id"] for x in out]

@@ -22,6 +22,9 @@ deployments:
   - name: echo
     backend: echo
     options: {latency_ms: 30}
+  - name: echo-slow
+    backend: echo
+    options: {latency_ms: 200}
 """
 SECRET = "correct-horse-battery-staple"
 
@@ -36,6 +39,9 @@ deployments:
   - name: remote-claude
     backend: anthropic_batch
     options: {{base_url: "{provider.base_url}", {credential}, model: echo}}
+  - name: remote-claude-slow
+    backend: anthropic_batch
+    options: {{base_url: "{provider.base_url}", {credential}, model: echo-slow}}
   - name: echo
     backend: echo
 """
@@ -128,14 +134,16 @@ def test_openai_cancel_is_forwarded(servers: tuple[Server, Server, str],
 
 def test_anthropic_batch_is_run_by_the_provider(servers: tuple[Server, Server, str],
                                                 recorder: Recorder) -> None:
-    ours, _provider, key = servers
+    """200 lines of 0.2 s on the provider's 2 workers (some 20 s there): the cancel, sent as
+    soon as the provider has the batch, reaches the provider and cancels lines there."""
+    ours, provider, key = servers
     # The SDK's own client class, whichever HTTP library it is built on (httpx2 for
     # anthropic 2.x, httpx before): importing one by name skipped this test when absent.
     http = anthropic.DefaultHttpxClient(event_hooks={"response": [recorder.hook]})
     with anthropic.Anthropic(base_url=ours.base_url, api_key="k", http_client=http,
                              max_retries=0) as client:
         batch = client.messages.batches.create(requests=[
-            {"custom_id": f"m{i}", "params": {"model": "remote-claude", "max_tokens": 8,
+            {"custom_id": f"m{i}", "params": {"model": "remote-claude-slow", "max_tokens": 8,
                                               "messages": [{"role": "user",
                                                             "content": f"hi {i}"}]}}
             for i in range(200)])
@@ -144,7 +152,6 @@ def test_anthropic_batch_is_run_by_the_provider(servers: tuple[Server, Server, s
                 "remote_job"):
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        time.sleep(0.8)
         client.messages.batches.cancel(batch.id)
         deadline = time.monotonic() + 60
         while (done := client.messages.batches.retrieve(batch.id)).processing_status != "ended":
@@ -156,8 +163,15 @@ def test_anthropic_batch_is_run_by_the_provider(servers: tuple[Server, Server, s
         results = {r.custom_id: r.result.type for r in client.messages.batches.results(batch.id)}
     assert set(results) == {f"m{i}" for i in range(200)}
     assert set(results.values()) <= {"succeeded", "canceled"}
+    assert "canceled" in results.values(), "every line ran: the cancel never took effect"
     assert done.request_counts.succeeded == sum(t == "succeeded" for t in results.values())
     assert done.request_counts.canceled == sum(t == "canceled" for t in results.values())
+    # The provider was told: its batch was cancelled, and cancelled lines there.
+    with anthropic.Anthropic(base_url=provider.base_url, api_key=key,
+                             max_retries=0) as at_provider:
+        theirs = at_provider.messages.batches.retrieve(remote_job["id"])
+    assert theirs.cancel_initiated_at is not None
+    assert theirs.processing_status == "ended" and theirs.request_counts.canceled > 0
     recorder.assert_never_contains(key)
 
 

@@ -33,7 +33,7 @@ from openai.types.webhooks import BatchCompletedWebhookEvent, WebhookEndpointWit
 from batchery.security.auth import add_key
 from tests.acceptance.jobs_support import deployment
 from tests.conftest import Server, free_port, start_server
-from tests.helpers import chat_file
+from tests.helpers import chat_file, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Short backoff and polling, through the documented settings.
@@ -223,12 +223,16 @@ def test_the_sdk_manages_an_endpoint_and_unwrap_verifies_a_real_batch_completed(
                                              "type": "batch.completed",
                                              "data": {"id": batch.id}}
         standardwebhooks.Webhook(secret).verify(delivery.body, delivery.headers)
-        time.sleep(0.5)
-        assert len(receiver.at("/sdk")) == 1  # delivered once
 
-        [attempt] = attempts(shared, "p-sdk", created.id)
+        # Recorded delivered at the first attempt: nothing is left to send, so the receiver
+        # got it once.
+        def recorded() -> list[Any] | None:
+            return attempts(shared, "p-sdk", created.id) or None
+
+        [attempt] = eventually(recorded, "the attempt to be recorded")
         assert (attempt["event_id"], attempt["status_code"], attempt["success"],
                 attempt["attempt"], attempt["error"]) == (event.id, 200, True, 1, None)
+        assert len(receiver.at("/sdk")) == 1
         assert isinstance(attempt["latency_ms"], int)
 
         deleted = client.webhooks.delete(created.id)
@@ -253,11 +257,13 @@ def test_a_receiver_failing_three_times_gets_the_event_on_the_fourth_attempt(
     # Backoff: 0.2 s doubling, each delay jittered between half and all of it.
     gaps = [b.at - a.at for a, b in itertools.pairwise(got)]
     assert all(gap >= 0.09 * 2 ** i for i, gap in enumerate(gaps)), gaps
-    found = attempts(shared, "p-retry", endpoint.id)
+    # The fourth attempt is recorded a moment after the receiver answered it.
+    found = eventually(lambda: attempts(shared, "p-retry", endpoint.id) if len(
+        attempts(shared, "p-retry", endpoint.id)) == 4 else None, "the fourth attempt's record")
     assert [(a["attempt"], a["status_code"], a["success"]) for a in found] == \
         [(4, 200, True), (3, 500, False), (2, 500, False), (1, 500, False)]
     assert all("500" in a["error"] for a in found[1:])
-    time.sleep(0.5)
+    # The fourth attempt is recorded a success: nothing is left to send, no fifth comes.
     assert len(receiver.at("/retry")) == 4
 
     with shared.http("p-retry") as http:

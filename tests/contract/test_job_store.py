@@ -25,9 +25,13 @@ from batchery.model.jobs import (
 )
 from batchery.ports.jobs import NewLogLine
 from batchery.stores.sql.store import SqlStore
+from tests.helpers import eventually
 
 LONG = 60.0
+#: A lease meant to run out during the test, and a sleep that outlasts it.
 SHORT, SHORT_WAIT = 0.2, 0.35
+#: A retry delay that must outlast the next statement, then end during the test.
+HOLD_BACK = 2.0
 
 
 def python(name: str, endpoint: str = "ep") -> Deployment:
@@ -136,10 +140,10 @@ def test_retry_delay_is_honoured(store: SqlStore) -> None:
     enqueued(store, 1)
     lease = store.claim_batch("w", LONG, None)
     assert lease is not None
-    store.fail_batch_attempt(lease, "later", delay_s=SHORT)
+    store.fail_batch_attempt(lease, "later", delay_s=HOLD_BACK)
     assert store.claim_batch("w", LONG, None) is None
-    time.sleep(SHORT_WAIT)
-    assert store.claim_batch("w", LONG, None) is not None
+    again = eventually(lambda: store.claim_batch("w", LONG, None), "the retry delay's end")
+    assert again.job.id == lease.job.id
 
 
 def test_expired_leases_are_reaped_and_their_workers_marked_failed(store: SqlStore) -> None:
@@ -207,8 +211,7 @@ def test_timeouts_and_enqueue_fencing(store: SqlStore) -> None:
     job = make_job(store, timeout_s=0.1)
     lease = store.claim_job_phase("w", LONG, None)
     assert lease is not None
-    time.sleep(0.2)
-    assert store.time_out_jobs(time.time()) == [job.id]
+    assert store.time_out_jobs(time.time() + 1) == [job.id]  # a second later: past 0.1 s
     spec = BatchSpec(index=0, segment_key="s", start_offset=0, end_offset=1, first_item=0,
                      n_items=1)
     assert not store.add_batches(lease, [spec], time.time())  # the job moved on

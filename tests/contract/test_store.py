@@ -30,6 +30,7 @@ from batchery.ports.store import PhaseLease, Store, WorkerInfo
 from batchery.stores.sql import engine as engines
 from batchery.stores.sql import migrate, tables
 from batchery.stores.sql.store import SqlStore
+from tests.helpers import eventually
 
 NOW = 1_800_000_000
 PROJECT = "proj-a"
@@ -41,6 +42,8 @@ LONG = 60.0
 #: Short leases for tests that let one run out; SHORT_WAIT is safely past it.
 SHORT = 0.2
 SHORT_WAIT = 0.35
+#: A hold-back that must outlast the next statement or two, then end during the test.
+HOLD_BACK = 2.0
 
 _counter = 0
 
@@ -449,11 +452,11 @@ def test_claim_phase_waits_for_a_live_lease_to_end(store: Store) -> None:
     batch = make_batch()
     store.insert_batch(batch)
 
-    first = claim_phase(store, batch.id, SHORT, owner="w1")
+    first = claim_phase(store, batch.id, LONG, owner="w1")
     assert store.claim_phase("w2", LONG) is None
-    assert store.renew_phase(first, SHORT)
-    time.sleep(SHORT_WAIT)
-    second = claim_phase(store, batch.id, LONG, owner="w2")
+    assert store.renew_phase(first, SHORT)  # a renewal sets the lease's end, here nearer
+    second = eventually(lambda: store.claim_phase("w2", LONG), "the phase lease's end")
+    assert second.batch.id == batch.id
     assert second.token != first.token
     assert not store.renew_phase(first, LONG)
     assert store.renew_phase(second, LONG)
@@ -561,11 +564,11 @@ def test_release_phase_with_retry_in_holds_the_batch_back(store: Store) -> None:
     store.insert_batch(batch)
     lease = claim_phase(store, batch.id, owner="w1")
 
-    store.release_phase(lease, retry_in=SHORT)
+    store.release_phase(lease, retry_in=HOLD_BACK)
     assert not store.renew_phase(lease, LONG)
     assert store.claim_phase("w2", LONG) is None
-    time.sleep(SHORT_WAIT)
-    again = claim_phase(store, batch.id, owner="w2")
+    again = eventually(lambda: store.claim_phase("w2", LONG), "the hold-back's end")
+    assert again.batch.id == batch.id
     store.release_phase(again)
     claim_phase(store, batch.id, owner="w3")  # a plain release frees it at once
 
@@ -918,8 +921,10 @@ N_CHUNKS = 200
 LINES = 3
 
 
-def claim_until_drained(url: str, owner: str, start: Any, results: Any) -> None:
-    """A worker process's loop: claim and complete chunks until none is left.
+def claim_until_drained(url: str, owner: str, start: Any, holding: Any, results: Any) -> None:
+    """A worker process's loop: claim and complete chunks until none is left. Every process
+    holds its first lease until all hold one (the `holding` barrier), so each takes part
+    however the operating system schedules them.
 
     Puts `(owner, completed chunk ids, lost chunk ids, error)` on `results`."""
     completed: list[int] = []
@@ -928,7 +933,11 @@ def claim_until_drained(url: str, owner: str, start: Any, results: Any) -> None:
         store = SqlStore.from_url(url)
         try:
             start.wait(60)
+            first = True
             while (lease := store.claim_chunk(owner, LONG)) is not None:
+                if first:
+                    holding.wait(60)
+                    first = False
                 done = result(LINES - 1, 1, tokens=lease.spec.n_lines, tag=lease.token)
                 (completed if store.complete_chunk(lease, done) else lost).append(
                     lease.chunk_id)
@@ -946,10 +955,10 @@ def test_concurrent_claims_from_several_processes(store: Store, store_url: str) 
     assert len(chunk_ids) == N_CHUNKS
 
     ctx = multiprocessing.get_context("spawn")
-    start = ctx.Barrier(N_PROCESSES)
+    start, holding = ctx.Barrier(N_PROCESSES), ctx.Barrier(N_PROCESSES)
     results = ctx.Queue()
     processes = [ctx.Process(target=claim_until_drained,
-                             args=(store_url, f"proc-{i}", start, results))
+                             args=(store_url, f"proc-{i}", start, holding, results))
                  for i in range(N_PROCESSES)]
     for process in processes:
         process.start()
@@ -975,8 +984,9 @@ def test_concurrent_claims_from_several_processes(store: Store, store_url: str) 
     counts = Counter(cid for _, completed, _, _ in reports for cid in completed)
     assert [cid for cid, n in counts.items() if n > 1] == []
     assert sorted(counts) == sorted(chunk_ids)
-    # The start barrier lines the processes up: at least two took part, so claims raced.
-    assert sum(1 for _, completed, _, _ in reports if completed) >= 2
+    # The first claims raced, after the start barrier, and every process held a lease at
+    # once (the holding barrier): each completed at least one chunk.
+    assert all(completed for _, completed, _, _ in reports), reports
 
     assert [c.state for c in store.list_chunks(batch.id)] == [ChunkState.DONE] * N_CHUNKS
     got = get_batch(store, batch.id)

@@ -10,7 +10,7 @@ Actions:
     ok        200 chat completion echoing the content (and the body's model)
     hold      like ok, after a short pause (for counting requests in flight)
     429       429 with `Retry-After: 1`
-    429ms     429 with `retry-after-ms: 300` and `Retry-After: 2` (the ms header should win)
+    429ms     429 with `retry-after-ms: 300` and `Retry-After: 20` (the ms header should win)
     429date   429 with `Retry-After` as an HTTP date 2 s ahead
     429junk   429 with an unparseable `Retry-After`
     500       500 with an OpenAI server_error body
@@ -167,7 +167,7 @@ _ACTIONS: dict[str, Callable[[_Handler, dict[str, Any]], None]] = {
     "slow": _Handler.slow,
     "drop": _Handler.drop,
     "429": lambda h, _: h.rate_limited({"Retry-After": "1"}),
-    "429ms": lambda h, _: h.rate_limited({"retry-after-ms": "300", "Retry-After": "2"}),
+    "429ms": lambda h, _: h.rate_limited({"retry-after-ms": "300", "Retry-After": "20"}),
     "429date": lambda h, _: h.rate_limited(
         {"Retry-After": email.utils.formatdate(time.time() + 2, usegmt=True)}),
     "429junk": lambda h, _: h.rate_limited({"Retry-After": "soon, maybe"}),

@@ -358,7 +358,7 @@ def test_error_statuses_end_in_an_error_line_keeping_the_upstream_body(
 def test_retriable_failures_are_retried_then_succeed(model: RestModel) -> None:
     plans = ["503,ok", "429,ok", "drop,ok", "text500,ok", "503,503,ok"]
     requests = [embed(f"r{i}", f"r{i} do:{plan}") for i, plan in enumerate(plans)]
-    out, err, elapsed = run(embed_backend(model), EMBEDDINGS, requests)
+    out, err, _ = run(embed_backend(model), EMBEDDINGS, requests)
 
     assert not err
     for request in requests:
@@ -366,23 +366,23 @@ def test_retriable_failures_are_retried_then_succeed(model: RestModel) -> None:
         assert body_of(out[request.custom_id])["data"][0]["embedding"] == vector(text)
         assert model.calls_for(text)[-1].action == "ok"
     assert len(model.calls_for("r4 do:503,503,ok")) == 3
-    assert elapsed < 2
 
 
 def test_429_waits_for_the_retry_after_it_names() -> None:
     with RestModel(retry_after="1") as model:
-        out, err, elapsed = run(embed_backend(model), EMBEDDINGS, [embed("r1", "r1 do:429,ok")])
+        out, err, _ = run(embed_backend(model), EMBEDDINGS, [embed("r1", "r1 do:429,ok")])
         first, second = model.calls_for("r1 do:429,ok")
 
     assert not err and out["r1"]["response"]["status_code"] == 200
-    # Retry-After: 1, not the policy's 0.05 s backoff.
-    assert second.at - first.at >= 0.95
-    assert elapsed < 3
+    # Retry-After: 1, not the policy's 0.05 s backoff nor its 30 s ceiling (a wait that long
+    # means the wrong delay was chosen, far from the right one whatever the machine's load).
+    assert 0.95 <= second.at - first.at < 15
 
 
-def test_timeouts_are_retried_then_an_error_line_504(model: RestModel) -> None:
+def test_timeouts_are_retried_then_an_error_line_504() -> None:
     requests = [embed("stuck", "stuck do:slow"), embed("once", "once do:slow,ok")]
-    out, err, elapsed = run(embed_backend(model, timeout_s=0.3), EMBEDDINGS, requests)
+    with RestModel(slow_s=60) as model:
+        out, err, elapsed = run(embed_backend(model, timeout_s=0.3), EMBEDDINGS, requests)
 
     assert out["once"]["response"]["status_code"] == 200
     line = err["stuck"]
@@ -390,7 +390,8 @@ def test_timeouts_are_retried_then_an_error_line_504(model: RestModel) -> None:
     assert error_of(line)["code"] == "upstream_timeout"
     assert "0.3s" in error_of(line)["message"]
     assert len(model.calls_for("stuck do:slow")) == POLICY.max_attempts
-    assert 0.9 <= elapsed < 1.9
+    # Three attempts of 0.3 s each, cut short: the model would have slept 60 s.
+    assert 0.9 <= elapsed < 15
 
 
 def test_an_answer_without_the_mapped_field_is_a_502_naming_the_jsonpath(

@@ -15,7 +15,7 @@ import pytest
 
 from batchery.backends.generation import resolve_path
 from batchery.model.deployments import Deployment
-from tests.conftest import free_port
+from tests.conftest import UVICORN_LISTENING, bound_port
 from tests.integration.runtimes import SMOLLM2, line, require, run_batch
 
 require("llama_cpp")
@@ -31,15 +31,15 @@ CHAT = "/v1/chat/completions"
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The server's base URL, ending in /v1."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", resolve_path(SMOLLM2),
-           "--model_alias", "smol", "--host", "127.0.0.1", "--port", str(port),
+           "--model_alias", "smol", "--host", "127.0.0.1", "--port", "0",
            "--n_ctx", "2048", "--n_threads", "2"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}/v1"
     try:
+        # It serves with uvicorn, which names the port the system gave it.
+        base_url = f"http://127.0.0.1:{bound_port(log_path, process, UVICORN_LISTENING)}/v1"
         _wait_ready(base_url, process, log_path)
         yield base_url
     finally:

@@ -37,6 +37,10 @@ from tests.integration.fake_upstream import (
 
 ENDPOINT = "/v1/chat/completions"
 POLICY = RetryPolicy(max_attempts=3, base_delay_s=0.05)
+#: A wait this long means the wrong delay was chosen (the policy's 30 s ceiling, a coarser
+#: header, the upstream's whole 60 s sleep): far from every right one, so a loaded machine
+#: cannot reach it.
+WRONG_WAIT_S = 15.0
 Line = dict[str, Any]
 
 
@@ -106,19 +110,18 @@ def test_429_waits_for_retry_after_then_succeeds(upstream: FakeUpstream) -> None
     assert out["r1"]["response"]["body"]["choices"][0]["message"]["content"] == \
         "echo: r1 do:429,ok"
     first, second = upstream.calls_for("r1 do:429,ok")
-    # Retry-After: 1, not the policy's 0.05 s backoff.
-    assert second.at - first.at >= 0.95
-    assert 0.95 <= elapsed < 3
+    # Retry-After: 1, not the policy's 0.05 s backoff (nor its 30 s ceiling).
+    assert 0.95 <= second.at - first.at < WRONG_WAIT_S
+    assert elapsed >= 0.95
 
 
 def test_429_retry_after_ms_wins_over_retry_after(upstream: FakeUpstream) -> None:
-    out, err, elapsed = run_chunk(backend_for(upstream), [request("r1", "429ms,ok")])
+    out, err, _ = run_chunk(backend_for(upstream), [request("r1", "429ms,ok")])
 
     assert not err and out["r1"]["response"]["status_code"] == 200
     first, second = upstream.calls_for("r1 do:429ms,ok")
-    # retry-after-ms: 300 is honoured; the coarser Retry-After: 2 is not used.
-    assert 0.28 <= second.at - first.at < 1.5
-    assert elapsed < 1.9
+    # retry-after-ms: 300 is honoured; the coarser Retry-After: 20 is not used.
+    assert 0.28 <= second.at - first.at < WRONG_WAIT_S
 
 
 def test_429_retry_after_as_an_http_date(upstream: FakeUpstream) -> None:
@@ -126,17 +129,19 @@ def test_429_retry_after_as_an_http_date(upstream: FakeUpstream) -> None:
 
     assert not err and out["r1"]["response"]["status_code"] == 200
     first, second = upstream.calls_for("r1 do:429date,ok")
-    # Two seconds ahead, at the header's one-second resolution.
-    assert 0.9 <= second.at - first.at < 2.6
+    # Two seconds ahead, at the header's one-second resolution: neither the policy's 0.05 s
+    # backoff nor its 30 s ceiling.
+    assert 0.9 <= second.at - first.at < WRONG_WAIT_S
 
 
 def test_429_with_unparseable_retry_after_falls_back_to_backoff(
         upstream: FakeUpstream) -> None:
-    out, err, elapsed = run_chunk(backend_for(upstream), [request("r1", "429junk,ok")])
+    out, err, _ = run_chunk(backend_for(upstream), [request("r1", "429junk,ok")])
 
     assert not err and out["r1"]["response"]["status_code"] == 200
-    assert len(upstream.calls_for("r1 do:429junk,ok")) == 2
-    assert elapsed < 1
+    first, second = upstream.calls_for("r1 do:429junk,ok")
+    # The policy's 0.05 s backoff, not its 30 s ceiling.
+    assert second.at - first.at < WRONG_WAIT_S
 
 
 def test_429_after_the_budget_is_an_error_line_with_the_upstream_body(
@@ -151,11 +156,10 @@ def test_429_after_the_budget_is_an_error_line_with_the_upstream_body(
 
 
 def test_500_then_success(upstream: FakeUpstream) -> None:
-    out, err, elapsed = run_chunk(backend_for(upstream), [request("r1", "500,ok")])
+    out, err, _ = run_chunk(backend_for(upstream), [request("r1", "500,ok")])
 
     assert not err and out["r1"]["response"]["status_code"] == 200
     assert [c.action for c in upstream.calls_for("r1 do:500,ok")] == ["500", "ok"]
-    assert elapsed < 1
 
 
 def test_permanent_500_is_an_error_line_keeping_the_upstream_body(
@@ -174,21 +178,21 @@ def test_permanent_500_is_an_error_line_keeping_the_upstream_body(
 
 
 def test_400_is_an_error_line_at_once_without_retry(upstream: FakeUpstream) -> None:
-    out, err, elapsed = run_chunk(backend_for(upstream), [request("r1", "400")])
+    out, err, _ = run_chunk(backend_for(upstream), [request("r1", "400")])
 
     assert not out
     assert err["r1"]["response"]["status_code"] == 400
     assert err["r1"]["response"]["body"] == BAD_REQUEST
     assert len(upstream.calls_for("r1 do:400")) == 1
-    assert elapsed < 1
 
 
 # -- no answer at all ------------------------------------------------------------------
 
 
-def test_timeouts_are_retried_then_an_error_line_504(upstream: FakeUpstream) -> None:
+def test_timeouts_are_retried_then_an_error_line_504() -> None:
     requests = [request("stuck", "slow"), request("once", "slow,ok")]
-    out, err, elapsed = run_chunk(backend_for(upstream, timeout_s=0.3), requests)
+    with FakeUpstream(slow_s=60) as upstream:
+        out, err, elapsed = run_chunk(backend_for(upstream, timeout_s=0.3), requests)
 
     assert out["once"]["response"]["status_code"] == 200
     line = err["stuck"]
@@ -197,14 +201,14 @@ def test_timeouts_are_retried_then_an_error_line_504(upstream: FakeUpstream) -> 
     assert "0.3s" in error_message(line)
     assert len(upstream.calls_for("stuck do:slow")) == POLICY.max_attempts
     assert len(upstream.calls_for("once do:slow,ok")) == 2
-    # Three attempts of 0.3 s and two short backoffs: nowhere near the upstream's 2 s sleep.
-    assert 0.9 <= elapsed < 1.9
+    # Three attempts of 0.3 s each, cut short: the upstream would have slept 60 s.
+    assert 0.9 <= elapsed < WRONG_WAIT_S
 
 
 def test_dropped_connections_are_retried_then_an_error_line_502(
         upstream: FakeUpstream) -> None:
     requests = [request("gone", "drop"), request("back", "drop,ok")]
-    out, err, elapsed = run_chunk(backend_for(upstream), requests)
+    out, err, _ = run_chunk(backend_for(upstream), requests)
 
     assert out["back"]["response"]["status_code"] == 200
     line = err["gone"]
@@ -214,7 +218,6 @@ def test_dropped_connections_are_retried_then_an_error_line_502(
     assert "disconnected" in error_message(line)
     assert len(upstream.calls_for("gone do:drop")) == POLICY.max_attempts
     assert len(upstream.calls_for("back do:drop,ok")) == 2
-    assert elapsed < 1.5
 
 
 def test_unreachable_upstream_is_an_error_line_502() -> None:

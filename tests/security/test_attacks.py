@@ -22,7 +22,6 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.conftest import free_port
 from tests.security.conftest import (
     PREDICTORS,
     Listener,
@@ -170,7 +169,8 @@ def test_connectors_cannot_read_server_secrets_or_reach_internal_hosts(
     attempts = [
         ("leak-secret", "openai", {"base_url": base, "api_key_env": "BATCHERY_SECRET_KEY"},
          "api_key_env"),
-        ("leak-env", "openai", {"base_url": base, "api_key_env": "HOME"}, ""),
+        ("leak-env", "openai", {"base_url": base, "api_key_env": "HOME"},
+         "may not name the environment variable 'HOME'"),
         ("leak-host", "openai", {"base_url": base}, "upstream_hosts"),
         ("leak-v6", "openai", {"base_url": f"http://[::1]:{listener.port}/v1"},
          "upstream_hosts"),
@@ -184,7 +184,7 @@ def test_connectors_cannot_read_server_secrets_or_reach_internal_hosts(
         error = openai_error(answer)
         assert error["code"] == "permission_denied" and words in error["message"], error
         _absent(admin, name)
-    time.sleep(0.3)
+    # Refused before anything was built: nothing was ever asked to reach the listener.
     assert listener.connections == 0
 
 
@@ -443,7 +443,6 @@ def _huge_body(prefix: bytes, suffix: bytes, total: int = 300 * MIB) -> Iterator
 ])
 def test_a_huge_json_body_is_refused_with_413(alpha: httpx.Client, path: str, prefix: bytes,
                                               suffix: bytes) -> None:
-    started = time.monotonic()
     answer = alpha.post(path, content=_huge_body(prefix, suffix),
                         headers={"content-type": "application/json"}, timeout=120)
     assert answer.status_code == 413, answer.text[:500]
@@ -452,14 +451,13 @@ def test_a_huge_json_body_is_refused_with_413(alpha: httpx.Client, path: str, pr
         assert body["type"] == "error" and body["error"]["type"] == "request_too_large", body
     else:
         assert openai_error(answer)["code"] == "request_too_large"
-    assert time.monotonic() - started < 60
 
 
 # -- open mode -------------------------------------------------------------------------
 
 def test_open_mode_refuses_to_listen_beyond_loopback(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "batchery", "serve", "--host", "0.0.0.0", "--port",
-           str(free_port()), "--data-dir", str(tmp_path / "data"), "--workers", "0"]
+           "0", "--data-dir", str(tmp_path / "data"), "--workers", "0"]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env=server_env())
     try:

@@ -46,7 +46,8 @@ def test_each_backend_checks_its_options_as_the_config_is_read(tmp_path: Path) -
 def test_backend_registry_errors() -> None:
     with pytest.raises(ConfigError, match="unknown backend 'magic'"):
         create(deployments.Deployment(name="x", backend="magic"))
-    with pytest.raises(ConfigError, match="bad options"):
+    with pytest.raises(ConfigError, match=r"deployment 'x': options.nope: the 'echo' backend "
+                                          r"has no such option \(valid: latency_ms, "):
         create(deployments.Deployment(name="x", backend="echo", options={"nope": 1}))
 
 

@@ -67,7 +67,7 @@ def test_a_pool_no_longer_planned_is_stopped() -> None:
         pools.scale()
         wanted.clear()
         pools.scale()
-        assert spawned.procs[0].wait(5) == -signal.SIGTERM
+        assert spawned.procs[0].wait(30) == -signal.SIGTERM
         assert pools.size("batches") == 0
     finally:
         pools.stop(grace_s=5)

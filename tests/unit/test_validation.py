@@ -91,7 +91,8 @@ def test_empty_file() -> None:
     assert [e.code for e in run(b"\n\n").errors] == ["empty_file"]
 
 
-def test_memory_per_line_is_a_hash_not_the_line() -> None:
+def test_5000_lines_validate_into_chunks_of_the_chunk_size() -> None:
+    # What validation holds per line is measured by tests/unit/test_dedupe.py.
     data = chat_file(5000)
     report = run(data, max_tasks=10_000, chunk_size=1000)
     assert report.ok and len(report.chunks) == 5

@@ -213,7 +213,7 @@ def _worker_answers(store: SqlStore, status_code: int | None, error: str | None 
                     ) -> threading.Thread:
     """A stand-in for a worker's delivery loop: claims one delivery, records one attempt."""
     def work() -> None:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while (claim := store.claim_webhook_delivery("w1", 30)) is None:
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -231,7 +231,7 @@ def test_test_waits_for_a_worker_and_reports_the_status_code(
     endpoint, _ = service.create("p", GOOD)
     worker = _worker_answers(store, 418)
     result = service.test("p", endpoint.id, {"event_type": "job.succeeded"})
-    worker.join(5)
+    worker.join(30)
     assert (result.status_code, result.event_type, result.endpoint_id) == \
         (418, "job.succeeded", endpoint.id)
     attempts = service.attempts("p", endpoint.id)
@@ -251,7 +251,7 @@ def test_test_without_an_answer_is_a_conflict_that_says_why(
     worker = _worker_answers(store, None, "connection refused")
     with pytest.raises(Conflict) as exc:
         service.test("p", endpoint.id, {"event_type": "batch.completed"})
-    worker.join(5)
+    worker.join(30)
     assert "connection refused" in exc.value.message
     idle = WebhookService(store, SHARED, test_wait_s=0.3)
     with pytest.raises(Conflict) as exc:
@@ -264,7 +264,7 @@ def test_redeliver_queues_a_sent_event_again_with_its_id(
     endpoint, _ = service.create("p", GOOD)
     event = model.new_event("p", "batch.completed", "batch_abc", int(time.time()))
     store.emit_webhook_event(event)
-    _worker_answers(store, 500).join(5)
+    _worker_answers(store, 500).join(30)
     [attempt] = service.attempts("p", endpoint.id, event_id=event.id)
     assert attempt.status_code == 500
     again = service.redeliver("p", endpoint.id, event.id)

@@ -20,7 +20,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from batchery.api.deps import Project, Service
+from batchery.api import wire
+from batchery.api.deps import Project, Service, read
 from batchery.api.routes import batches, files, models
 from batchery.api.routes.webhooks import Webhooks
 from batchery.model.exceptions import InvalidRequest
@@ -83,8 +84,10 @@ def list_batches(request: Request, project: Project, service: Service,
     return page
 
 
-def retrieve_batch(batch_id: str, project: Project, service: Service) -> Any:
-    return azure_batch(batches.retrieve_batch(batch_id, project, service))
+async def retrieve_batch(request: Request, batch_id: str, project: Project,
+                         service: Service) -> Any:
+    return azure_batch(wire.batch_object(await read(request, service.get_batch, project,
+                                                    batch_id)))
 
 
 def cancel_batch(batch_id: str, project: Project, service: Service) -> Any:

@@ -16,8 +16,8 @@ from batchery.api.bodies import (
     idempotency_of,
     json_body,
 )
-from batchery.api.deps import Project, Service
-from batchery.api.responses import ok
+from batchery.api.deps import Project, Service, read
+from batchery.api.responses import JSONResponse, ok
 from batchery.api.routes.webhooks import Webhooks
 from batchery.batchapi.service import MAX_METADATA_PAIRS
 from batchery.model.batches import SUPPORTED_ENDPOINTS
@@ -96,9 +96,13 @@ def list_batches(project: Project, service: Service, after: str | None = None,
                             wire.batch_object)
 
 
-@router.get("/batches/{batch_id}", responses=ok(wire.BatchObject, "The batch."))
-def retrieve_batch(batch_id: str, project: Project, service: Service) -> Any:
-    return wire.batch_object(service.get_batch(project, batch_id))
+@router.get("/batches/{batch_id}", response_model=None,
+            responses=ok(wire.BatchObject, "The batch."))
+async def retrieve_batch(request: Request, batch_id: str, project: Project,
+                         service: Service) -> JSONResponse:
+    # The hot read (pollers): one store read, the answer rendered once (no response model).
+    batch = await read(request, service.get_batch, project, batch_id)
+    return JSONResponse(wire.batch_object(batch))
 
 
 @router.post("/batches/{batch_id}/cancel",

@@ -49,7 +49,7 @@ def install(app: FastAPI) -> None:
         app.include_router(upload_router, prefix=prefix)
 
 
-def _batches(request: Request) -> GeminiBatchService:
+async def _batches(request: Request) -> GeminiBatchService:
     runtime = request.app.state.runtime
     settings = runtime.settings
     return GeminiBatchService(runtime.store, runtime.files, chunk_size=settings.chunk_size,

@@ -14,8 +14,9 @@ from starlette.responses import StreamingResponse
 from batchery.api import bodies
 from batchery.api import responses as docs
 from batchery.api.bodies import json_body
-from batchery.api.deps import Caller, Project
+from batchery.api.deps import Caller, Project, read
 from batchery.api.job_wire import job_json
+from batchery.api.responses import JSONResponse
 from batchery.api.routes import reruns
 from batchery.jobs import results as job_results
 from batchery.jobs.joblog import SETTLE_S
@@ -32,7 +33,7 @@ FOLLOW_POLL_S = 0.25
 LOG_PAGE = 1000
 
 
-def get_jobs(request: Request) -> JobService:
+async def get_jobs(request: Request) -> JobService:
     service: JobService = request.app.state.jobs
     return service
 
@@ -147,10 +148,12 @@ def list_jobs(project: Project, jobs: Jobs, endpoint: str | None = None,
             "last_id": data[-1]["id"] if data else None}
 
 
-@router.get("/jobs/{job_id}", responses=docs.ok(docs.JobInfo, "The job."))
-def get_job(job_id: str, project: Project, jobs: Jobs) -> Any:
-    view = jobs.view(project, job_id)
-    return job_json(view.job, view)
+@router.get("/jobs/{job_id}", response_model=None,
+            responses=docs.ok(docs.JobInfo, "The job."))
+async def get_job(request: Request, job_id: str, project: Project, jobs: Jobs) -> JSONResponse:
+    # The hot read (pollers): the answer rendered once (no response model).
+    view = await read(request, jobs.view, project, job_id)
+    return JSONResponse(job_json(view.job, view))
 
 
 @router.delete("/jobs/{job_id}", responses=docs.ok(docs.JobInfo, "The job, stopped."))

@@ -50,7 +50,7 @@ _CREATE_BODY = {"required": True, "content": {"application/json": {"schema": {
 _ANSWER = "The message batch."
 
 
-def _service(request: Request) -> MessageBatchService:
+async def _service(request: Request) -> MessageBatchService:
     service: MessageBatchService = request.app.state.message_batches
     return service
 

@@ -25,7 +25,7 @@ from batchery.webhooks.service import WebhookService, secret_hint
 router = APIRouter()
 
 
-def get_webhooks(request: Request) -> WebhookService:
+async def get_webhooks(request: Request) -> WebhookService:
     service: WebhookService = request.app.state.webhooks
     return service
 

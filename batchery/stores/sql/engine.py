@@ -46,9 +46,21 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A reader (`reader(engine)`) takes no lock: in WAL mode it reads a snapshot while
+        # writers go on.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_READ_ONLY)
+                             else "BEGIN IMMEDIATE")
 
     return engine
+
+
+_READ_ONLY = "batchery_read_only"
+
+
+def reader(engine: Engine) -> Engine:
+    """`engine` for transactions that only read (same pool): on SQLite they start with a
+    plain `BEGIN`, so they never wait for, or hold up, a writer."""
+    return engine.execution_options(**{_READ_ONLY: True})
 
 
 def db_now(engine: Engine) -> sa.ColumnElement[float]:

@@ -56,6 +56,7 @@ _LIVE_WORKER_STATES = (WorkerState.INITIALIZING.value, WorkerState.RUNNING.value
 
 class SqlJobStore(JobStore):
     engine: Engine
+    _read: Engine
     _now: sa.ColumnElement[float]
     _job_phases: Leases
     _job_batches: Leases
@@ -130,7 +131,7 @@ class SqlJobStore(JobStore):
         return None
 
     def get_job(self, project: str | None, job_id: str) -> Job | None:
-        with self.engine.begin() as conn:
+        with self._read.begin() as conn:
             return _get_job(conn, project, job_id)
 
     def list_jobs(self, project: str, *, endpoint: str | None, status: JobStatus | None,
@@ -218,7 +219,7 @@ class SqlJobStore(JobStore):
     def batch_state_counts(self, job_id: str) -> dict[str, int]:
         query = (sa.select(job_batches.c.state, sa.func.count())
                  .where(job_batches.c.job_id == job_id).group_by(job_batches.c.state))
-        with self.engine.begin() as conn:
+        with self._read.begin() as conn:
             return {state: int(n) for state, n in conn.execute(query)}
 
     def job_demand(self) -> dict[str, int]:
@@ -529,7 +530,7 @@ class SqlJobStore(JobStore):
     def list_job_workers(self, job_id: str) -> list[JobWorker]:
         query = (job_workers.select().where(job_workers.c.job_id == job_id)
                  .order_by(job_workers.c.started_at))
-        with self.engine.begin() as conn:
+        with self._read.begin() as conn:
             return [JobWorker(job_id=r["job_id"], worker_id=r["worker_id"], host=r["host"],
                               pid=r["pid"], state=WorkerState(r["state"]),
                               current_batch=r["current_batch"],

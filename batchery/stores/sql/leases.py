@@ -49,6 +49,20 @@ class Leases:
         self.now = now
         self.state = table.c[state] if state else None
         self.queued, self.leased = queued, leased
+        # The statements of the hot path, built once: building a statement costs more CPU
+        # than running it. Their parameters are named so as not to clash with columns.
+        lease: dict[str, Any] = {
+            "lease_owner": sa.bindparam("p_owner"), "lease_token": sa.bindparam("p_token"),
+            "lease_expires_at": self.now + sa.bindparam("p_lease_s", type_=sa.Float)}
+        if self.state is not None:
+            lease[self.state.name] = self.leased
+        self._take = table.update().where(self.key == sa.bindparam("p_key")).values(**lease)
+        self._row = table.select().where(self.key == sa.bindparam("p_key"))
+        fenced = [self.key == sa.bindparam("p_key"),
+                  table.c.lease_token == sa.bindparam("p_held")]
+        if self.state is not None:
+            fenced.append(self.state == self.leased)
+        self._fenced = sa.and_(*fenced)
 
     # -- claim -------------------------------------------------------------------------
 
@@ -59,30 +73,45 @@ class Leases:
                            sa.or_(c.not_before.is_(None), c.not_before <= self.now))
         return sa.or_(c.lease_expires_at.is_(None), c.lease_expires_at < self.now)
 
+    def claim_query(self, *, where: Sequence[sa.ColumnElement[bool]] = (),
+                    order_by: Sequence[sa.ColumnElement[Any]] = (),
+                    join: tuple[sa.Table, sa.ColumnElement[bool]] | None = None
+                    ) -> sa.Select[Any]:
+        """The query for the first claimable row that `where` admits, skipping rows that
+        another transaction has locked (build it once, and pass it to `claim`)."""
+        query = sa.select(self.key).select_from(self.table)
+        if join is not None:
+            query = query.join(*join)
+        return (query.where(self.claimable(), *where)
+                .order_by(*(order_by or (self.key,))).limit(1)
+                .with_for_update(skip_locked=True, of=self.table))
+
     def claim(self, conn: Connection, owner: str, lease_s: float, *,
               where: Sequence[sa.ColumnElement[bool]] = (),
               order_by: Sequence[sa.ColumnElement[Any]] = (),
               join: tuple[sa.Table, sa.ColumnElement[bool]] | None = None,
-              pick: Any = None, values: dict[str, Any] | None = None) -> Claimed | None:
-        """Lease the first claimable row that `where` admits, skipping rows that another
-        transaction has locked. `pick(conn, query)` may choose among candidates instead
-        (it returns a key or None); `values` are set together with the lease."""
-        query = sa.select(self.key).select_from(self.table)
-        if join is not None:
-            query = query.join(*join)
-        query = (query.where(self.claimable(), *where)
-                 .order_by(*(order_by or (self.key,))).limit(1)
-                 .with_for_update(skip_locked=True, of=self.table))
+              pick: Any = None, values: dict[str, Any] | None = None,
+              query: sa.Select[Any] | None = None) -> Claimed | None:
+        """Lease the first claimable row that `where` admits (or that `query`, from
+        `claim_query`, finds), skipping rows that another transaction has locked.
+        `pick(conn, query)` may choose among candidates instead (it returns a key or None);
+        `values` are set together with the lease."""
+        if query is None:
+            query = self.claim_query(where=where, order_by=order_by, join=join)
         key = pick(conn, query) if pick is not None else conn.execute(query).scalar()
         if key is None:
             return None
         token = ids.lease_token()
-        update: dict[str, Any] = {"lease_owner": owner, "lease_token": token,
-                                  "lease_expires_at": self.now + lease_s, **(values or {})}
-        if self.state is not None:
-            update[self.state.name] = self.leased
-        conn.execute(self.table.update().where(self.key == key).values(**update))
-        row = conn.execute(self.table.select().where(self.key == key)).mappings().one()
+        if values:
+            update: dict[str, Any] = {"lease_owner": owner, "lease_token": token,
+                                      "lease_expires_at": self.now + lease_s, **values}
+            if self.state is not None:
+                update[self.state.name] = self.leased
+            conn.execute(self.table.update().where(self.key == key).values(**update))
+        else:
+            conn.execute(self._take, {"p_key": key, "p_owner": owner, "p_token": token,
+                                      "p_lease_s": lease_s})
+        row = conn.execute(self._row, {"p_key": key}).mappings().one()
         return Claimed(key=key, token=token, row=row)
 
     # -- the lease holder's writes -----------------------------------------------------
@@ -109,6 +138,18 @@ class Leases:
         result = conn.execute(self.table.update().where(self.fence(key, token, *extra))
                               .values(**update))
         return result.rowcount == 1
+
+    def fenced_update(self, values: dict[str, Any], *, keep_lease: bool = False) -> sa.Update:
+        """A `commit` built once: run it with `run_fenced`. `values` may hold bind
+        parameters (named unlike any column) that `run_fenced` is given."""
+        update = dict(values) if keep_lease else {**_LEASE_CLEARED, **values}
+        return self.table.update().where(self._fenced).values(**update)
+
+    def run_fenced(self, conn: Connection, statement: sa.Update, key: Any, token: str,
+                   params: dict[str, Any]) -> bool:
+        """Run a `fenced_update`: True if `token` still held the lease."""
+        return conn.execute(statement, {"p_key": key, "p_held": token,
+                                        **params}).rowcount == 1
 
     def release(self, conn: Connection, key: Any, token: str, *, delay_s: float = 0.0,
                 values: dict[str, Any] | None = None) -> bool:

@@ -33,6 +33,7 @@ from batchery.stores.sql.idempotency_store import SqlIdempotencyStore, take_key
 from batchery.stores.sql.job_store import SqlJobStore, deployment_row, endpoint_row
 from batchery.stores.sql.leases import Leases
 from batchery.stores.sql.log_store import SqlLogStore
+from batchery.stores.sql.owners import SqlOwnerStore
 from batchery.stores.sql.tables import (
     batches,
     chunk_parts,
@@ -47,11 +48,16 @@ from batchery.stores.sql.tables import (
 from batchery.stores.sql.webhook_store import SqlWebhookStore, emit_event
 
 _OPEN_CHUNK_STATES = (ChunkState.QUEUED.value, ChunkState.LEASED.value)
+_BATCH_BY_ID = batches.select().where(batches.c.id == sa.bindparam("batch_id"))
+_PROJECT_BATCH_BY_ID = _BATCH_BY_ID.where(batches.c.project == sa.bindparam("project"))
 
 
-class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, Store):
+class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, SqlOwnerStore,
+               Store):
     def __init__(self, engine: Engine, *, run_migrations: bool = True) -> None:
         self.engine = engine
+        #: For transactions that only read: on SQLite they wait for no writer.
+        self._read = engines.reader(engine)
         self._now = engines.db_now(engine)
         self._pg = engine.dialect.name == "postgresql"
         # Whole Unix seconds, truncated like int(time.time()): PostgreSQL's cast rounds.
@@ -64,6 +70,7 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, S
         self._job_batches = Leases(job_batches, key="id", now=self._now, state="state",
                                    queued=BatchState.QUEUED.value,
                                    leased=BatchState.LEASED.value)
+        self._prepare_chunk_statements()
         if run_migrations:
             migrate.upgrade(engine)
 
@@ -141,14 +148,16 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, S
         return None
 
     def get_batch(self, project: str | None, batch_id: str) -> Batch | None:
-        with self.engine.begin() as conn:
+        with self._read.begin() as conn:
             return self._get_batch(conn, project, batch_id)
 
     def _get_batch(self, conn: Connection, project: str | None, batch_id: str) -> Batch | None:
-        query = batches.select().where(batches.c.id == batch_id)
-        if project is not None:
-            query = query.where(batches.c.project == project)
-        row = conn.execute(query).mappings().first()
+        # Statements built once: building one per call cost more than running it.
+        if project is None:
+            row = conn.execute(_BATCH_BY_ID, {"batch_id": batch_id}).mappings().first()
+        else:
+            row = conn.execute(_PROJECT_BATCH_BY_ID, {"batch_id": batch_id,
+                                                      "project": project}).mappings().first()
         return _batch(row) if row else None
 
     def list_batches(self, project: str, *, after: str | None, limit: int,
@@ -426,18 +435,53 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, S
 
     # -- the chunk queue ---------------------------------------------------------------
 
+    def _prepare_chunk_statements(self) -> None:
+        """The statements a worker runs for every chunk, built once with bind parameters
+        (building a SQLAlchemy statement costs more CPU than running it on SQLite)."""
+        # By priority, then the earliest deadline, then age.
+        self._claim_chunk_query = self._chunks.claim_query(
+            join=(batches, batches.c.id == chunks.c.batch_id),
+            where=[batches.c.status == BatchStatus.IN_PROGRESS.value],
+            order_by=[batches.c.priority.desc(), batches.c.expires_at, chunks.c.id])
+        self._chunk_batch = sa.select(batches.c.endpoint, batches.c.input_key).where(
+            batches.c.id == sa.bindparam("b_id"))
+        counts = {"n_ok": chunks.c.n_ok + sa.bindparam("p_ok"),
+                  "n_err": chunks.c.n_err + sa.bindparam("p_err"), "expiries": 0}
+        self._part_counts = self._chunks.fenced_update(counts, keep_lease=True)
+        self._part_counts_done = self._chunks.fenced_update(
+            {**counts, "state": ChunkState.DONE.value})
+        self._add_to_batch = batches.update().where(batches.c.id == sa.bindparam("b_id")).values(
+            completed=batches.c.completed + sa.bindparam("p_ok"),
+            failed=batches.c.failed + sa.bindparam("p_err"),
+            input_tokens=batches.c.input_tokens + sa.bindparam("p_in"),
+            output_tokens=batches.c.output_tokens + sa.bindparam("p_out"),
+            cached_tokens=batches.c.cached_tokens + sa.bindparam("p_cached"),
+            reasoning_tokens=batches.c.reasoning_tokens + sa.bindparam("p_reasoning"),
+            cost=batches.c.cost + sa.bindparam("p_cost"))
+        self._insert_part = chunk_parts.insert()
+        still_open = sa.exists().where(chunks.c.batch_id == sa.bindparam("b_id"),
+                                       chunks.c.state.in_(_OPEN_CHUNK_STATES))
+        self._finalize_drained = batches.update().where(
+            batches.c.id == sa.bindparam("b_id"),
+            batches.c.status == BatchStatus.IN_PROGRESS.value, ~still_open,
+        ).values(status=BatchStatus.FINALIZING.value, end_reason=EndReason.DONE.value,
+                 finalizing_at=self._now_s)
+        used = batches.c.input_tokens + batches.c.output_tokens
+        crossed = sa.or_(
+            sa.and_(batches.c.max_total_tokens.is_not(None), used >= batches.c.max_total_tokens),
+            sa.and_(batches.c.max_cost.is_not(None), batches.c.cost >= batches.c.max_cost))
+        self._ceiling = batches.update().where(
+            batches.c.id == sa.bindparam("b_id"), crossed,
+            batches.c.status.in_([BatchStatus.IN_PROGRESS.value, BatchStatus.PAUSED.value]),
+        ).values(status=BatchStatus.CANCELLING.value, cancelling_at=self._now_s,
+                 end_reason=EndReason.BUDGET_EXCEEDED.value, paused_at=None)
+
     def claim_chunk(self, owner: str, lease_s: float) -> ChunkLease | None:
         with self.engine.begin() as conn:
-            # By priority, then the earliest deadline, then age.
-            claimed = self._chunks.claim(
-                conn, owner, lease_s,
-                join=(batches, batches.c.id == chunks.c.batch_id),
-                where=[batches.c.status == BatchStatus.IN_PROGRESS.value],
-                order_by=[batches.c.priority.desc(), batches.c.expires_at, chunks.c.id])
+            claimed = self._chunks.claim(conn, owner, lease_s, query=self._claim_chunk_query)
             if claimed is None:
                 return None
-            batch = conn.execute(sa.select(batches.c.endpoint, batches.c.input_key).where(
-                batches.c.id == claimed.row["batch_id"])).one()
+            batch = conn.execute(self._chunk_batch, {"b_id": claimed.row["batch_id"]}).one()
         row = claimed.row
         return ChunkLease(chunk_id=claimed.key, batch_id=row["batch_id"], token=claimed.token,
                           spec=_spec(row), attempts=row["attempts"], endpoint=batch.endpoint,
@@ -463,30 +507,29 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, S
                 self._stop_at_ceiling(conn, lease.batch_id)
             return True
 
-    def _commit_part(self, conn: Connection, lease: ChunkLease, part: ChunkPart) -> bool:
-        """Record answered lines, fenced by the chunk's lease (which it keeps). Progress
-        proves the chunk does not kill its workers: its run of expiries starts again."""
-        if not self._chunks.commit(conn, lease.chunk_id, lease.token, {
-                "n_ok": chunks.c.n_ok + part.n_ok, "n_err": chunks.c.n_err + part.n_err,
-                "expiries": 0}, keep_lease=True):
+    def _commit_part(self, conn: Connection, lease: ChunkLease, part: ChunkPart, *,
+                     done: bool = False) -> bool:
+        """Record answered lines, fenced by the chunk's lease (which it keeps, unless `done`:
+        then the same write ends the chunk). Progress proves the chunk does not kill its
+        workers: its run of expiries starts again."""
+        if not self._chunks.run_fenced(
+                conn, self._part_counts_done if done else self._part_counts, lease.chunk_id,
+                lease.token, {"p_ok": part.n_ok, "p_err": part.n_err}):
             return False
         if not part.offsets:
             return True
-        conn.execute(batches.update().where(batches.c.id == lease.batch_id).values(
-            completed=batches.c.completed + part.n_ok,
-            failed=batches.c.failed + part.n_err,
-            input_tokens=batches.c.input_tokens + part.input_tokens,
-            output_tokens=batches.c.output_tokens + part.output_tokens,
-            cached_tokens=batches.c.cached_tokens + part.cached_tokens,
-            reasoning_tokens=batches.c.reasoning_tokens + part.reasoning_tokens,
-            cost=batches.c.cost + part.cost))
+        conn.execute(self._add_to_batch, {
+            "b_id": lease.batch_id, "p_ok": part.n_ok, "p_err": part.n_err,
+            "p_in": part.input_tokens, "p_out": part.output_tokens,
+            "p_cached": part.cached_tokens, "p_reasoning": part.reasoning_tokens,
+            "p_cost": part.cost})
         # The part goes in after the batch's row is locked by the update above: ids are
         # then handed out in the order parts commit, so a reader paging a running batch's
         # parts by id (`list_parts_after`) never passes one that commits later.
-        conn.execute(chunk_parts.insert().values(
-            batch_id=lease.batch_id, chunk_id=lease.chunk_id, lo=min(part.offsets),
-            hi=max(part.offsets), offsets=list(part.offsets), n_ok=part.n_ok,
-            n_err=part.n_err, out_key=part.out_key, err_key=part.err_key))
+        conn.execute(self._insert_part, {
+            "batch_id": lease.batch_id, "chunk_id": lease.chunk_id, "lo": min(part.offsets),
+            "hi": max(part.offsets), "offsets": list(part.offsets), "n_ok": part.n_ok,
+            "n_err": part.n_err, "out_key": part.out_key, "err_key": part.err_key})
         return True
 
     def _stop_at_ceiling(self, conn: Connection, batch_id: str) -> None:
@@ -494,22 +537,16 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, S
         transaction of the commit that got it there: its chunks' renewals fail from now on,
         and its unrun lines are reported `budget_exceeded`. A batch whose last lines got it
         there has nothing left to stop: it is finalizing already, and completes."""
-        used = batches.c.input_tokens + batches.c.output_tokens
-        crossed = sa.or_(
-            sa.and_(batches.c.max_total_tokens.is_not(None), used >= batches.c.max_total_tokens),
-            sa.and_(batches.c.max_cost.is_not(None), batches.c.cost >= batches.c.max_cost))
-        conn.execute(batches.update().where(
-            batches.c.id == batch_id, crossed,
-            batches.c.status.in_([BatchStatus.IN_PROGRESS.value, BatchStatus.PAUSED.value]),
-        ).values(status=BatchStatus.CANCELLING.value, cancelling_at=self._now_s,
-                 end_reason=EndReason.BUDGET_EXCEEDED.value, paused_at=None))
+        conn.execute(self._ceiling, {"b_id": batch_id})
 
     def complete_chunk(self, lease: ChunkLease, part: ChunkPart | None = None) -> bool:
         with self.engine.begin() as conn:
-            if part is not None and not self._commit_part(conn, lease, part):
-                return False
-            if not self._chunks.commit(conn, lease.chunk_id, lease.token,
-                                       {"state": ChunkState.DONE.value}):
+            # One fenced write records the last part's counts and ends the chunk.
+            if part is not None:
+                if not self._commit_part(conn, lease, part, done=True):
+                    return False
+            elif not self._chunks.commit(conn, lease.chunk_id, lease.token,
+                                         {"state": ChunkState.DONE.value}):
                 return False
             self._finalize_if_drained(conn, lease.batch_id)
             if part is not None and part.spent:
@@ -535,13 +572,7 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, S
         return True
 
     def _finalize_if_drained(self, conn: Connection, batch_id: str) -> None:
-        still_open = sa.exists().where(chunks.c.batch_id == batch_id,
-                                       chunks.c.state.in_(_OPEN_CHUNK_STATES))
-        conn.execute(batches.update().where(
-            batches.c.id == batch_id, batches.c.status == BatchStatus.IN_PROGRESS.value,
-            ~still_open,
-        ).values(status=BatchStatus.FINALIZING.value, end_reason=EndReason.DONE.value,
-                 finalizing_at=self._now_s))
+        conn.execute(self._finalize_drained, {"b_id": batch_id})
 
     def release_chunk(self, lease: ChunkLease, *, error: str | None, count_attempt: bool,
                       max_attempts: int, delay_s: float = 0.0) -> None:

@@ -140,6 +140,28 @@ workers = sa.Table(
     sa.Column("chunks_done", sa.Integer, nullable=False, server_default="0"),
 )
 
+#: The `batchery serve` processes that publish a config file: one row per server identity.
+servers = sa.Table(
+    "servers", metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("host", sa.String(256), nullable=False),
+    sa.Column("config", sa.String(1024), nullable=True),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+    sa.Column("stopped_at", sa.Float, nullable=True),
+)
+
+#: Which server declared each deployment (`kind` 'deployment') and endpoint ('endpoint')
+#: of a config file, with a digest of the declaration.
+config_owners = sa.Table(
+    "config_owners", metadata,
+    sa.Column("kind", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("server_id", sa.String(128), nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+)
+
 # -- the native job API ------------------------------------------------------------------
 
 endpoints = sa.Table(

@@ -33,9 +33,15 @@ _UPLOAD_FORM = {"required": True, "content": {"multipart/form-data": {"schema": 
 
 def _field(form: Any, name: str) -> str | None:
     """A form field, accepting both `a[b]` (the SDKs) and `a.b` (Azure's docs)."""
-    value = form.get(name)
-    if value is None and "[" in name:
-        value = form.get(name.replace("[", ".").replace("]", ""))
+    key = name
+    if key not in form and "[" in name:
+        key = name.replace("[", ".").replace("]", "")
+    values = form.getlist(key)
+    if len(values) > 1:
+        shown = key.replace("[", ".").replace("]", "")
+        raise InvalidRequest(f"'{shown}' was given {len(values)} times; give it once.",
+                             param=shown, code="invalid_value")
+    value = values[0] if values else None
     return value if isinstance(value, str) else None
 
 

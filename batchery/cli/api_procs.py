@@ -112,7 +112,10 @@ def serve(app: ASGIApp, settings: Settings, *, host: str, port: int, log_level: 
     gc.collect()
     gc.freeze()
     if processes <= 1:
-        uvicorn.Server(config).run()
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:  # the port was taken, say: exit as `uvicorn.run` would
+            raise SystemExit(3)
         return
     sock = config.bind_socket()
     others = ApiProcesses(processes - 1, sock, settings, log_level)
@@ -125,11 +128,14 @@ def serve(app: ASGIApp, settings: Settings, *, host: str, port: int, log_level: 
             await asyncio.to_thread(others.stop)
 
     others.start()
+    server = Server(config)
     try:
-        Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         others.stop()
         sock.close()
+    if not server.started:
+        raise SystemExit(3)
 
 
 def _main() -> None:

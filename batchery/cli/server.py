@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from batchery import backends
+from batchery.backends.threads import HOST_WORKERS_ENV
 from batchery.cli import api_procs
 from batchery.cli.options import ChunkSize, DatabaseUrl, DataDir, FilesUrl, LeaseSeconds, MaxTasks
 from batchery.model.batches import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TASKS
@@ -115,6 +116,9 @@ def serve(
                         message_batch_window_s=message_batch_window,
                         allow_code_deployments=allow_code_deployments, take_over=take_over)
     size = _default_workers() if workers is None else workers
+    # The workers' in-process models share this host's cores out among them (an operator
+    # running more on this host may set it higher).
+    os.environ.setdefault(HOST_WORKERS_ENV, str(max(1, size)))
     _check_port(host, port)
     try:
         keys = KeyRing.load(keys_file)

@@ -48,8 +48,10 @@ def _sqlite_engine(url: str) -> Engine:
     def _on_begin(conn: Any) -> None:
         # A reader (`reader(engine)`) takes no lock: in WAL mode it reads a snapshot while
         # writers go on.
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_READ_ONLY)
-                             else "BEGIN IMMEDIATE")
+        # Straight to the driver: SQLAlchemy's statement machinery cost more than the
+        # statement, and every transaction of every process runs this.
+        conn.connection.driver_connection.execute(
+            "BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
     return engine
 

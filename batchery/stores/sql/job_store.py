@@ -217,10 +217,9 @@ class SqlJobStore(JobStore):
                              out_key=r["out_key"], duration_s=r["duration_s"]) for r in rows]
 
     def batch_state_counts(self, job_id: str) -> dict[str, int]:
-        query = (sa.select(job_batches.c.state, sa.func.count())
-                 .where(job_batches.c.job_id == job_id).group_by(job_batches.c.state))
         with self._read.begin() as conn:
-            return {state: int(n) for state, n in conn.execute(query)}
+            return {state: int(n) for state, n in conn.execute(_BATCH_STATES,
+                                                               {"p_job": job_id})}
 
     def job_demand(self) -> dict[str, int]:
         open_batches = (sa.select(job_batches.c.job_id, sa.func.count().label("n"))
@@ -528,15 +527,13 @@ class SqlJobStore(JobStore):
             ).values(last_heartbeat=now))
 
     def list_job_workers(self, job_id: str) -> list[JobWorker]:
-        query = (job_workers.select().where(job_workers.c.job_id == job_id)
-                 .order_by(job_workers.c.started_at))
         with self._read.begin() as conn:
             return [JobWorker(job_id=r["job_id"], worker_id=r["worker_id"], host=r["host"],
                               pid=r["pid"], state=WorkerState(r["state"]),
                               current_batch=r["current_batch"],
                               batches_done=r["batches_done"], started_at=r["started_at"],
                               last_heartbeat=r["last_heartbeat"])
-                    for r in conn.execute(query).mappings()]
+                    for r in conn.execute(_JOB_WORKERS, {"p_job": job_id}).mappings()]
 
 
 # -- helpers that run inside a transaction -------------------------------------------------
@@ -548,11 +545,23 @@ def _of_deployments(names: Collection[str] | None) -> sa.ColumnElement[bool]:
     return qualified.in_(list(names))
 
 
+#: The reads of `GET /api/v1/jobs/{id}` (which pollers repeat), built once: building a
+#: statement costs more than running it.
+_JOB_BY_ID = jobs.select().where(jobs.c.id == sa.bindparam("p_job"))
+_PROJECT_JOB_BY_ID = _JOB_BY_ID.where(jobs.c.project == sa.bindparam("p_project"))
+_BATCH_STATES = (sa.select(job_batches.c.state, sa.func.count())
+                 .where(job_batches.c.job_id == sa.bindparam("p_job"))
+                 .group_by(job_batches.c.state))
+_JOB_WORKERS = (job_workers.select().where(job_workers.c.job_id == sa.bindparam("p_job"))
+                .order_by(job_workers.c.started_at))
+
+
 def _get_job(conn: Connection, project: str | None, job_id: str) -> Job | None:
-    query = jobs.select().where(jobs.c.id == job_id)
-    if project is not None:
-        query = query.where(jobs.c.project == project)
-    row = conn.execute(query).mappings().first()
+    if project is None:
+        row = conn.execute(_JOB_BY_ID, {"p_job": job_id}).mappings().first()
+    else:
+        row = conn.execute(_PROJECT_JOB_BY_ID, {"p_job": job_id,
+                                                "p_project": project}).mappings().first()
     return _job(row) if row else None
 
 

@@ -13,13 +13,24 @@ Subcommands (each prints a Markdown table; `--json PATH` also writes the figures
 For each Batchery run a fresh `batchery serve` is started with the workers and threads
 given by `--configs` (`WORKERSxTHREADS,...`), warmed up until every worker has loaded the
 model, and timed from the batch's creation to its completion (upload and download are
-timed apart). Each baseline runs twice, before and after the jobs; ratios are taken
-against the faster of the two. The models are the packaged all-MiniLM-L6-v2 and
-SmolLM2-135M-Instruct (Q4_1), so nothing is downloaded.
+timed apart). Baseline and job runs alternate (baseline, job, …, baseline), each noting the
+1-minute load average before it; ratios are taken between the medians. The models are
+the packaged all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (Q4_1), so nothing is downloaded.
 
     .venv/bin/python benchmarks/bench_runtimes.py embeddings --configs 1x2,2x1
     .venv/bin/python benchmarks/bench_runtimes.py chat --configs 1x2,2x1,2x2
     .venv/bin/python benchmarks/bench_runtimes.py connector
+
+With `--defaults` nothing is tuned: `batchery serve` runs with no config file, no
+`--workers` and no `--chunk-size` (the default models, one worker per CPU, the threads
+and chunk sizes Batchery picks), the timed batch is submitted as a user would (one text or
+one chat prompt per line, the body giving only the model, the input and, for chat,
+temperature 0 so that both sides generate the same text), the workers' warm pools are
+waited for through `GET /api/v1/workers` (no warm-up batch), and the baseline is a bare
+loop using the whole machine (torch's and llama.cpp's threads on every core):
+
+    .venv/bin/python benchmarks/bench_runtimes.py embeddings --defaults --lines 1000
+    .venv/bin/python benchmarks/bench_runtimes.py chat --defaults --lines 100
 """
 
 from __future__ import annotations
@@ -98,12 +109,20 @@ def median(runs: list[Run]) -> float:
 
 def alternate(config: str, bare: Callable[[], Run], job: Callable[[], Run],
               repeat: int) -> Comparison:
-    """bare, job, bare, job, …, bare: load that drifts during the run hits both sides."""
+    """bare, job, bare, job, …, bare: load that drifts during the run hits both sides. Each
+    run notes the 1-minute load average just before it (`extra["load"]`)."""
     result = Comparison(config)
+
+    def noted(run: Callable[[], Run]) -> Run:
+        load = loadavg()
+        done = run()
+        done.extra["load"] = load
+        return done
+
     for _ in range(repeat):
-        result.baseline.append(bare())
-        result.job.append(job())
-    result.baseline.append(bare())
+        result.baseline.append(noted(bare))
+        result.job.append(noted(job))
+    result.baseline.append(noted(bare))
     return result
 
 
@@ -140,19 +159,27 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(tmp: Path, deployments: list[dict[str, Any]], workers: int,
-          chunk_size: int) -> Iterator[tuple[str, Path]]:
-    """A `batchery serve` with these deployments; yields its /v1 URL and its log."""
+def serve(tmp: Path, deployments: list[dict[str, Any]] | None, workers: int | None,
+          chunk_size: int | None) -> Iterator[tuple[str, Path]]:
+    """A `batchery serve` with these deployments (None: no config file, the default
+    models), workers and chunk size (None: Batchery's default); yields its /v1 URL and
+    its log."""
     tmp.mkdir(parents=True, exist_ok=True)
-    config = tmp / "deployments.json"  # JSON is YAML
-    config.write_text(json.dumps({"deployments": deployments}))
+    args = []
+    if deployments is not None:
+        config = tmp / "deployments.json"  # JSON is YAML
+        config.write_text(json.dumps({"deployments": deployments}))
+        args += ["--config", str(config)]
+    if workers is not None:
+        args += ["--workers", str(workers)]
+    if chunk_size is not None:
+        args += ["--chunk-size", str(chunk_size)]
     port, log_path = free_port(), tmp / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHERY_")}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "batchery", "serve", "--port", str(port), "--data-dir",
-             str(tmp / "data"), "--config", str(config), "--workers", str(workers),
-             "--chunk-size", str(chunk_size)],
+             str(tmp / "data"), *args],
             stdout=log, stderr=subprocess.STDOUT,
             env={**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     try:
@@ -234,6 +261,52 @@ def warm_up(base_url: str, log_path: Path, workers: int, model: str,
     raise RuntimeError(f"only {loaded} of {workers} workers loaded {model}")
 
 
+def workers_listing(base_url: str) -> list[dict[str, Any]]:
+    root = base_url.removesuffix("/v1")
+    found: list[dict[str, Any]] = httpx.get(root + "/api/v1/workers", timeout=30).json()["data"]
+    return found
+
+
+def wait_warm(base_url: str, workers: int, models: list[str]) -> list[dict[str, Any]]:
+    """Wait, without sending work, until `workers` workers are idle with every model of
+    `models` in their warm pool (`load_seconds`); the listing then."""
+    deadline = time.monotonic() + 600
+    while True:
+        found = workers_listing(base_url)
+        warm = [w for w in found if w["state"] == "idle"
+                and all(m in w["load_seconds"] for m in models)]
+        if len(warm) >= workers:
+            return found
+        failed = [w["load_errors"] for w in found if w["load_errors"]]
+        if failed:
+            raise RuntimeError(f"a model did not load: {failed}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers not warm after 600 s: {found}")
+        time.sleep(0.2)
+
+
+def chunks_by_worker(base_url: str) -> dict[str, int]:
+    return {w["id"]: w["chunks_done"] for w in workers_listing(base_url)}
+
+
+def default_job(url: str, lines: list[dict[str, Any]], endpoint: str, units: int | None
+                ) -> Run:
+    """A timed job, noting how many chunks each worker ran (every worker should)."""
+    before = chunks_by_worker(url)
+    run = job_run(url, lines, endpoint, units)
+    time.sleep(1.5)  # the workers' next heartbeat carries their counts
+    after = chunks_by_worker(url)
+    run.extra["chunks_by_worker"] = [after[w] - before.get(w, 0) for w in sorted(after)]
+    return run
+
+
+def defaults_setup(url: str, model: str) -> dict[str, Any]:
+    cores = os.cpu_count() or 1
+    listing = wait_warm(url, cores, [model])
+    return {"workers": len(listing),
+            "load_seconds": [w["load_seconds"][model] for w in listing]}
+
+
 def parse_configs(value: str) -> list[tuple[int, int]]:
     pairs = []
     for item in value.split(","):
@@ -250,7 +323,9 @@ def bench_embeddings(args: argparse.Namespace, tmp: Path) -> list[Comparison]:
     from sentence_transformers import SentenceTransformer
 
     corpus = texts(args.lines)
-    torch.set_num_threads(args.baseline_threads)
+    if args.baseline_threads:
+        torch.set_num_threads(args.baseline_threads)
+    args.baseline_threads = torch.get_num_threads()
     model = SentenceTransformer(resolve_path(MINILM), device="cpu", local_files_only=True)
     model.encode(corpus[:64], batch_size=args.batch_size)  # warm-up
 
@@ -262,6 +337,16 @@ def bench_embeddings(args: argparse.Namespace, tmp: Path) -> list[Comparison]:
     def lines(n: int, name: str = "minilm") -> list[dict[str, Any]]:
         return [{"custom_id": f"e{i}", "method": "POST", "url": EMBEDDINGS,
                  "body": {"model": name, "input": t}} for i, t in enumerate(corpus[:n])]
+
+    if args.defaults:
+        name = "all-minilm-l6-v2"
+        with serve(tmp / "emb-defaults", None, None, None) as (url, _):
+            setup = defaults_setup(url, name)
+            result = alternate(
+                f"defaults: {setup['workers']} workers, loads {setup['load_seconds']} s",
+                bare, lambda: default_job(url, lines(args.lines, name), EMBEDDINGS,
+                                          len(corpus)), args.repeat)
+            return [result]
 
     results = []
     for workers, threads in parse_configs(args.configs):
@@ -294,10 +379,13 @@ def bench_chat(args: argparse.Namespace, tmp: Path) -> list[Comparison]:
     from llama_cpp import Llama
 
     asks = prompts(args.lines)
+    args.baseline_threads = args.baseline_threads or os.cpu_count() or 1
     llm = Llama(model_path=resolve_path(SMOLLM2), n_ctx=2048, n_threads=args.baseline_threads,
                 n_threads_batch=args.baseline_threads, verbose=False)
-    # The backend's sampling for an OpenAI body: temperature and top_p alone.
-    options = {**sampling(args.max_tokens), "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+    # The backend's sampling for an OpenAI body: temperature and top_p alone. With
+    # --defaults, the lines give no max_tokens: the default deployment's cap, 256, applies.
+    max_tokens = 256 if args.defaults else args.max_tokens
+    options = {**sampling(max_tokens), "top_p": 1.0, "top_k": 0, "min_p": 0.0}
     llm.create_chat_completion(messages=[{"role": "user", "content": "hi"}], max_tokens=4)
 
     def bare() -> Run:
@@ -314,6 +402,20 @@ def bench_chat(args: argparse.Namespace, tmp: Path) -> list[Comparison]:
     def lines(n: int, max_tokens: int | None = None) -> list[dict[str, Any]]:
         return [chat_line(i, p, "smol", max_tokens or args.max_tokens)
                 for i, p in enumerate(asks[:n])]
+
+    if args.defaults:
+        name = "smollm2-135m-instruct"
+
+        def user_lines() -> list[dict[str, Any]]:
+            return [{"custom_id": f"c{i}", "method": "POST", "url": CHAT, "body": {
+                "model": name, "messages": [{"role": "user", "content": p}],
+                "temperature": 0}} for i, p in enumerate(asks)]
+
+        with serve(tmp / "chat-defaults", None, None, None) as (url, _):
+            setup = defaults_setup(url, name)
+            return [alternate(
+                f"defaults: {setup['workers']} workers, loads {setup['load_seconds']} s",
+                bare, lambda: default_job(url, user_lines(), CHAT, None), args.repeat)]
 
     results = []
     for workers, threads in parse_configs(args.configs):
@@ -392,7 +494,12 @@ def bench_connector(args: argparse.Namespace, tmp: Path) -> list[Comparison]:
 def report(kind: str, results: list[Comparison], unit: str, baseline: str,
            load: tuple[str, str]) -> str:
     def rates(runs: list[Run]) -> str:
-        return ", ".join(f"{r.rate:.1f}" for r in runs)
+        def one(r: Run) -> str:
+            notes = [f"load {r.extra['load']}"] if "load" in r.extra else []
+            if "chunks_by_worker" in r.extra:
+                notes.append(f"chunks {r.extra['chunks_by_worker']}")
+            return f"{r.rate:.1f}" + (f" ({'; '.join(notes)})" if notes else "")
+        return ", ".join(one(r) for r in runs)
 
     rows = [f"| {c.config} | {rates(c.baseline)} | {rates(c.job)} | {median(c.baseline):.1f} "
             f"| {median(c.job):.1f} | **{c.ratio:.3f}x** |" for c in results]
@@ -418,13 +525,15 @@ def main() -> None:
     emb.add_argument("--batch-size", type=int, default=32)
     emb.add_argument("--chunk-size", type=int, default=0, help="default: lines / workers")
     emb.add_argument("--configs", default="1x2,2x1")
-    emb.add_argument("--baseline-threads", type=int, default=2)
+    emb.add_argument("--baseline-threads", type=int, default=0,
+                     help="torch threads of the bare loop (default: torch's, every core)")
     chat = sub.add_parser("chat")
     chat.add_argument("--lines", type=int, default=48)
     chat.add_argument("--max-tokens", type=int, default=64)
     chat.add_argument("--chunk-size", type=int, default=8)
     chat.add_argument("--configs", default="1x2,2x1")
-    chat.add_argument("--baseline-threads", type=int, default=2)
+    chat.add_argument("--baseline-threads", type=int, default=0,
+                      help="llama.cpp threads of the bare loop (default: every core)")
     chat.add_argument("--reuse-prefix", action="store_true",
                       help="the deployment keeps llama.cpp's cache between lines")
     chat.add_argument("--baseline-reset", action="store_true",
@@ -435,23 +544,28 @@ def main() -> None:
     con.add_argument("--chunk-size", type=int, default=1000)
     con.add_argument("--concurrency", type=int, default=4)
     con.add_argument("--server-threads", type=int, default=2)
+    for p in (emb, chat):
+        p.add_argument("--defaults", action="store_true",
+                       help="serve with no config, --workers or --chunk-size; a user's lines")
+    con.set_defaults(defaults=False)
     for p in (emb, chat, con):
         p.add_argument("--repeat", type=int, default=2,
                        help="job runs per configuration, each after a baseline run")
         p.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    threads = getattr(args, "baseline_threads", 0)
     reset = ", cache cleared before each prompt" if getattr(args, "baseline_reset", 0) else ""
-    bench, unit, baseline = {
-        "embeddings": (bench_embeddings, "texts", f"bare SentenceTransformer.encode, batch "
-                       f"size {getattr(args, 'batch_size', 0)}, {threads} torch threads"),
-        "chat": (bench_chat, "tokens", f"bare llama-cpp-python loop, {threads} threads{reset}"),
-        "connector": (bench_connector, "tokens", "direct HTTP calls to llama_cpp.server"),
-    }[args.kind]
+    bench, unit = {"embeddings": (bench_embeddings, "texts"), "chat": (bench_chat, "tokens"),
+                   "connector": (bench_connector, "tokens")}[args.kind]
     before = loadavg()
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
         results = bench(args, Path(tmp))
+    threads = getattr(args, "baseline_threads", 0)  # as the bench resolved it
+    baseline = {
+        "embeddings": f"bare SentenceTransformer.encode, batch size "
+                      f"{getattr(args, 'batch_size', 0)}, {threads} torch threads",
+        "chat": f"bare llama-cpp-python loop, {threads} threads{reset}",
+        "connector": "direct HTTP calls to llama_cpp.server"}[args.kind]
     print(report(args.kind, results, unit, baseline, (before, loadavg())))
     if args.json:
         args.json.write_text(json.dumps({"kind": args.kind, "args": {

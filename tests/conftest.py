@@ -22,7 +22,12 @@ PG_ADMIN_URL = os.environ.get("BATCHERY_TEST_PG_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 #: In CI (`CI=true`, as CI services set it) every optional part a suite needs is installed
 #: (`scripts/install dev`): a test that would skip for want of one fails instead.
-CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+def is_ci(value: str) -> bool:
+    """Whether the `CI` variable's value says this is a CI run."""
+    return value.strip().lower() not in ("", "0", "false", "no")
+
+
+CI = is_ci(os.environ.get("CI", ""))
 
 #: Modules whose absence stays a skip in CI too, with the reason: CI machines cannot have
 #: them. Every other "could not import" skip (`pytest.importorskip`) fails a CI run.
@@ -73,6 +78,10 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(("BATCHERY_", "OPENAI_")) and name != "BATCHERY_TEST_PG_URL":
             monkeypatch.delenv(name, raising=False)
+    # The servers and workers tests start load models on first use, not at start: with the
+    # model extras installed, a warm pool would load torch and two models into every worker
+    # of every test server. The warm pool's own tests ask for it (`--preload`).
+    monkeypatch.setenv("BATCHERY_PRELOAD", "false")
 
 
 def _pg_available() -> bool:

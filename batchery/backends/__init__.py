@@ -69,11 +69,34 @@ def check_options(backend: str, options: dict[str, Any], where: str,
     """A deployment's options as its backend checks and normalises them when a config is
     read (`ModelBackend.check_options`); an unknown backend's are kept, and `create`
     reports the name. This is the `OptionsCheck` that config parsing is given."""
+    own = {k: v for k, v in options.items() if k != PRELOAD}
+    if PRELOAD in options:
+        _check_preload(options[PRELOAD], where)
     check = getattr(_backend_class(backend), "check_options", None)
     if check is None:
         return dict(options)
-    checked: dict[str, Any] = check(options, where, base_dir)
-    return checked
+    checked: dict[str, Any] = check(own, where, base_dir)
+    return checked | ({PRELOAD: options[PRELOAD]} if PRELOAD in options else {})
+
+
+#: The option, of every backend, that says whether workers load the model when they start.
+PRELOAD = "preload"
+
+
+def _check_preload(value: Any, where: str) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: options.{PRELOAD} must be true or false, not "
+                          f"{value!r}")
+
+
+def preloads(deployment: Deployment) -> bool:
+    """Whether a worker loads the deployment's model when it starts, before it claims
+    work: its `preload` option, else its backend's default (true for the in-process
+    models: `sentence-transformers`, `llama-cpp`, `vllm`; false for the others)."""
+    value = deployment.options.get(PRELOAD)
+    if isinstance(value, bool):
+        return value
+    return bool(getattr(_backend_class(deployment.backend), "preloads", False))
 
 
 def remote_endpoints(backend: str) -> frozenset[str] | None:
@@ -125,8 +148,11 @@ def create(deployment: Deployment) -> ModelBackend:
 def _construct(deployment: Deployment, target: str) -> Any:
     module_name, class_name = target.split(":")
     cls: Any = getattr(importlib.import_module(module_name), class_name)
-    options = secrets.open_options(deployment.options, secrets.SecretBox.from_env())
     where = f"deployment '{deployment.name}'"
+    if PRELOAD in deployment.options:
+        _check_preload(deployment.options[PRELOAD], where)
+    options = secrets.open_options({k: v for k, v in deployment.options.items()
+                                    if k != PRELOAD}, secrets.SecretBox.from_env())
     # An unknown name or a wrong type fails here, naming the option and what is valid,
     # rather than deep in the constructor.
     unknown = _unknown_option(cls, options, deployment.backend)

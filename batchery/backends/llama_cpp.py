@@ -5,8 +5,10 @@ Install with `pip install 'batchery[llama]'` (llama.cpp is compiled on install: 
 
 - `model_path` (required): the GGUF file; `pkg://package/file.gguf` names a file shipped
   inside an installed Python package, found on each worker's own host.
-- `n_threads`: CPU threads for generation (default: llama-cpp-python's, half the cores);
-  `n_threads_batch`: for reading prompts (default: all cores).
+- `n_threads`: CPU threads for generation, and `n_threads_batch`: for reading prompts
+  (default for both: the host's cores shared out among the workers `batchery serve` runs
+  on it, at least 1: `batchery.backends.threads`).
+- `preload` (true): load the model when the worker starts, before it claims work.
 - `n_ctx`: context length in tokens (default 0: the model's own); `n_batch` (512).
 - `n_gpu_layers`: layers to offload with a GPU build (default 0).
 - `chat_format`: a llama-cpp-python chat format name, when the GGUF's own template is wrong.
@@ -31,6 +33,7 @@ from typing import Any
 
 from batchery.backends import generation
 from batchery.backends.generation import Choice, Generation
+from batchery.backends.threads import default_threads
 from batchery.model.exceptions import ConfigError
 from batchery.ports.backend import ModelBackend, Reply, Request, error_reply
 
@@ -40,6 +43,8 @@ _RANDOM_SEED = 0xFFFFFFFF
 
 class LlamaCppBackend(ModelBackend):
     endpoints = generation.ENDPOINTS
+    #: Loaded when a worker starts (a deployment's `preload` option overrides it).
+    preloads = True
 
     def __init__(self, *, model_path: str, n_ctx: int = 0, n_threads: int | None = None,
                  n_threads_batch: int | None = None, n_batch: int = 512,
@@ -71,7 +76,10 @@ class LlamaCppBackend(ModelBackend):
         path = generation.resolve_path(self.model_path)
         if not Path(path).is_file():
             raise FileNotFoundError(f"llama-cpp: no GGUF file at {path}")
-        return Llama(model_path=path, verbose=False, **self._settings)
+        settings = dict(self._settings)
+        for name in ("n_threads", "n_threads_batch"):
+            settings[name] = settings[name] or default_threads()
+        return Llama(model_path=path, verbose=False, **settings)
 
     async def aclose(self) -> None:
         llm, self._llm = self._llm, None

@@ -7,7 +7,9 @@ Install with `pip install 'batchery[embeddings]'` (CPU torch). Options:
 - `device` (`cpu`): a torch device, such as `cuda` or `cuda:1`.
 - `max_batch_size` (32): most texts per forward pass.
 - `normalize` (true): unit-length vectors, as the OpenAI API returns them.
-- `num_threads`: torch's CPU threads in this worker (default: torch's, all cores).
+- `num_threads`: torch's CPU threads in this worker (default: the host's cores shared out
+  among the workers `batchery serve` runs on it, at least 1: `batchery.backends.threads`).
+- `preload` (true): load the model when the worker starts, before it claims work.
 - `allow_download` (false): let sentence-transformers fetch a model missing from the cache.
 
 All the inputs of the lines of one call (a chunk's lines for this deployment) are pooled,
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from batchery.backends.generation import resolve_path
+from batchery.backends.threads import default_threads
 from batchery.model.exceptions import ConfigError
 from batchery.ports.backend import ModelBackend, Reply, Request, error_reply
 
@@ -42,6 +45,8 @@ class _Job:
 
 class SentenceTransformersBackend(ModelBackend):
     endpoints = frozenset({ENDPOINT})
+    #: Loaded when a worker starts (a deployment's `preload` option overrides it).
+    preloads = True
 
     def __init__(self, *, model: str, device: str = "cpu", max_batch_size: int = 32,
                  normalize: bool = True, num_threads: int | None = None,
@@ -70,8 +75,7 @@ class SentenceTransformersBackend(ModelBackend):
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as transformers_logging
 
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
+        torch.set_num_threads(self.num_threads or default_threads())
         # A progress bar per load would fill the worker's log.
         transformers_logging.disable_progress_bar()
         model = SentenceTransformer(resolve_path(self.model_name), device=self.device,

@@ -9,6 +9,7 @@ Install with `pip install 'batchery[vllm]'` on a machine with CUDA. Options:
 - `engine_args`: any other `vllm.AsyncEngineArgs` field, as a mapping.
 - `default_max_tokens`: the cap when a line gives no `max_tokens` (default: none, up to
   the context length).
+- `preload` (true): load the engine when the worker starts, before it claims work.
 
 Every line of a call (a chunk's lines for this deployment) is handed to the engine at
 once, so its scheduler batches them continuously, as vLLM's own server would under load.
@@ -33,6 +34,8 @@ ParamsFactory = Callable[[dict[str, Any]], Any]
 
 class VllmBackend(ModelBackend):
     endpoints = generation.ENDPOINTS
+    #: Loaded when a worker starts (a deployment's `preload` option overrides it).
+    preloads = True
 
     def __init__(self, *, model: str, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,

@@ -11,6 +11,7 @@ takes its worker down every time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import traceback
@@ -23,7 +24,7 @@ from batchery.batchapi import execution, phases, remote
 from batchery.model import spend
 from batchery.model.batches import BatchError, BatchStatus, canonical_endpoint
 from batchery.model.chunks import ChunkLease, ChunkPart, ChunkSpec
-from batchery.model.deployments import Deployment
+from batchery.model.deployments import CONFIG, Deployment
 from batchery.model.exceptions import ConfigError
 from batchery.model.leases import (
     MAX_PHASE_ATTEMPTS,
@@ -60,6 +61,12 @@ def _summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _line(exc: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class Deployments:
     """The deployments a worker has loaded, checked against the batch's project each time
     (validation already refused the others; checked again in case one changed hands)."""
@@ -94,6 +101,49 @@ class Deployments:
                 await backend.start()
                 self._backends[model] = backend
                 log.info("loaded deployment %s (backend %s)", model, deployment.backend)
+        return backend
+
+    async def preload(self, report: Callable[[str, str | None], None],
+                      loaded: Callable[[str, float | None, str | None], None]) -> None:
+        """Load the config file's in-process models (those whose `preload` holds) before
+        this worker claims work: a warm pool. Reports `loading` with the model's name
+        meanwhile, and `loaded(model, seconds, error)` after each. A model that fails to
+        load is logged and skipped: its lines then fail as they would without preloading."""
+        for deployment in self.store.list_deployments():
+            name = deployment.name
+            try:
+                wanted = deployment.source == CONFIG and deployment.alias_of is None \
+                    and name not in self._backends and backends.preloads(deployment)
+            except Exception as exc:  # its backend's module cannot be imported, say
+                wanted = False
+                loaded(name, None, f"{name} could not be loaded: {_line(exc)}")
+            if not wanted:
+                continue
+            report("loading", name)
+            started = time.perf_counter()
+            task = asyncio.ensure_future(self._open(deployment))
+            while not (await asyncio.wait({task}, timeout=1.0))[0]:
+                report("loading", name)  # a heartbeat while a big model loads
+            failure = task.exception()
+            if failure is not None:
+                log.error("could not preload deployment %s: %s", name, _summary(failure))
+                loaded(name, None, f"{name} could not be loaded: {_line(failure)}")
+                continue
+            self._backends[name] = task.result()
+            seconds = time.perf_counter() - started
+            log.info("loaded deployment %s (backend %s) in %.2fs, before claiming work",
+                     name, deployment.backend, seconds)
+            loaded(name, seconds, None)
+
+    @staticmethod
+    async def _open(deployment: Deployment) -> ModelBackend:
+        backend = backends.create(deployment)
+        try:
+            await backend.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await backend.aclose()
+            raise
         return backend
 
     def cost(self, by_model: dict[str, tuple[int, int]], project: str | None) -> float:
@@ -233,7 +283,9 @@ class ChunkRunner:
         self._projects: dict[str, str | None] = {}
 
     def start(self) -> None:
-        pass
+        # A warm pool: the config file's models load before the first chunk is claimed.
+        if self.ctx.config.preload:
+            self.ctx.runner.run(self.deployments.preload(self.ctx.report, self.ctx.loaded))
 
     def close(self) -> None:
         try:

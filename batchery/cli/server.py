@@ -59,6 +59,15 @@ def register(app: typer.Typer) -> None:
     app.command()(worker)
 
 
+#: Whether workers load the config's in-process models before they claim work.
+PRELOAD_ENV = "BATCHERY_PRELOAD"
+Preload = Annotated[bool, typer.Option(
+    "--preload/--no-preload", envvar=PRELOAD_ENV,
+    help="Workers load the config's in-process models (sentence-transformers, llama-cpp, "
+         "vllm; see each deployment's `preload` option) before they take work: a warm pool. "
+         "--no-preload loads each on its first request.")]
+
+
 def serve(
     host: Annotated[str, typer.Option(envvar="BATCHERY_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="BATCHERY_PORT", min=0, max=65535)] = 8000,
@@ -98,6 +107,7 @@ def serve(
     api_workers: Annotated[int, typer.Option(
         "--api-workers", envvar="BATCHERY_API_WORKERS", min=1,
         help="Processes serving the HTTP API on the one port (reads spread over them).")] = 1,
+    preload: Preload = True,
 ) -> None:
     """Run the HTTP API and a pool of worker processes."""
     from batchery.api.app import create_app
@@ -119,6 +129,7 @@ def serve(
     # The workers' in-process models share this host's cores out among them (an operator
     # running more on this host may set it higher).
     os.environ.setdefault(HOST_WORKERS_ENV, str(max(1, size)))
+    os.environ[PRELOAD_ENV] = "true" if preload else "false"  # its workers read it
     _check_port(host, port)
     try:
         keys = KeyRing.load(keys_file)
@@ -362,6 +373,7 @@ def worker(
                              "repeatable. Default: all.")] = None,
     idle_exit: Annotated[float | None, typer.Option(
         "--idle-exit", min=0.1, help="Exit after this many seconds without work.")] = None,
+    preload: Preload = True,
     log_level: Annotated[str, typer.Option(envvar="BATCHERY_LOG_LEVEL")] = "info",
 ) -> None:
     """Join the work: claim chunks from the store and run them. Stops cleanly on SIGTERM."""
@@ -370,7 +382,7 @@ def worker(
     settings, config = worker_settings(
         data_dir=data_dir, database_url=database_url, files_url=files_url,
         lease_seconds=lease_seconds, grace_seconds=grace_seconds, jobs=jobs, batches=batches,
-        deployment=deployment, idle_exit=idle_exit)
+        deployment=deployment, idle_exit=idle_exit, preload=preload)
     try:
         runtime = open_stores(settings)
     except ConfigError as exc:
@@ -392,14 +404,15 @@ def worker(
 def worker_settings(*, data_dir: Path, database_url: str | None, files_url: str | None,
                     lease_seconds: float, grace_seconds: float, jobs: bool, batches: bool,
                     deployment: list[str] | None, idle_exit: float | None,
-                    **_: object) -> tuple[Settings, WorkerConfig]:
+                    preload: bool = True, **_: object) -> tuple[Settings, WorkerConfig]:
     """The settings and the loop's configuration of a worker, from `batchery worker`'s
     options (a Ray actor parses the same arguments)."""
     settings = Settings(data_dir=data_dir, database_url=database_url, files_url=files_url,
                         lease_s=lease_seconds)
     config = dataclasses.replace(
         settings.worker_config(), grace_s=grace_seconds, jobs=jobs, batches=batches,
-        deployments=frozenset(deployment) if deployment else None, idle_exit_s=idle_exit)
+        deployments=frozenset(deployment) if deployment else None, idle_exit_s=idle_exit,
+        preload=preload)
     return settings, config
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from batchery.model.batches import Batch, BatchError
@@ -52,6 +52,10 @@ class WorkerInfo:
     last_heartbeat: float = 0.0
     current: str | None = None
     chunks_done: int = 0
+    #: The models this worker loaded when it started (its warm pool): name -> seconds.
+    load_s: dict[str, float] = field(default_factory=dict)
+    #: The models it could not load when it started: name -> why, in a sentence.
+    load_errors: dict[str, str] = field(default_factory=dict)
 
 
 #: A worker that reported within this many seconds counts as live.

@@ -50,6 +50,8 @@ class WorkerConfig:
     #: Send webhook deliveries from the outbox, in a thread of this process (only workers
     #: that run batches do: a job pool's workers are many, and come and go).
     webhooks: bool = True
+    #: Load the config file's in-process models before claiming work (a warm pool).
+    preload: bool = True
 
     @property
     def renew_s(self) -> float:
@@ -80,6 +82,9 @@ class WorkerContext:
     done: Callable[[], None]
     #: Tell the other idle workers there is new work (a batch validated, a job enqueued).
     ring: Callable[[], None] = lambda: None
+    #: Record a model loaded when this worker started: `loaded(model, seconds, error)`,
+    #: with the seconds it took, or the error (a sentence) that stopped it.
+    loaded: Callable[[str, float | None, str | None], None] = lambda *_: None
     #: Whether this worker's last turn found work: a handler may then look for its kind of
     #: work less often (the turn after the last piece of work asks every handler again).
     busy: bool = False
@@ -122,12 +127,14 @@ class Worker:
         self._runner = asyncio.Runner()
         self._next_housekeeping = 0.0
         self._reported_state: str | None = None
+        self._reported_current: str | None = None
         self._reported_at = 0.0
         self._last_work = time.monotonic()
         self.context = WorkerContext(id=self.info.id, host=self.info.host, pid=self.info.pid,
                                      config=self.config, overdue=self._overdue,
                                      report=self._report, runner=self._runner,
                                      done=self._count_done,
+                                     loaded=self._loaded,
                                      ring=doorbell.ring if doorbell else lambda: None)
         self.handlers = list(handlers(self.context))
 
@@ -211,19 +218,32 @@ class Worker:
         self._report(self.info.state, self.info.current, force=True)
 
     def _report(self, state: str, current: str | None, *, force: bool = False) -> None:
-        """Record what this worker does: at once when its state changes, else at most once
-        per housekeeping period (a write per chunk would cost a transaction per chunk)."""
+        """Record what this worker does: at once when it changes, else at most once per
+        housekeeping period. Running chunk after chunk is no change (a write per chunk
+        would cost a transaction per chunk): the chunk in hand is written with the next."""
         self.info = dataclasses.replace(self.info, state=state, current=current,
                                         last_heartbeat=time.time())
         now = time.monotonic()
-        if not force and state == self._reported_state \
-                and now - self._reported_at < self.config.housekeeping_s:
+        changed = state != self._reported_state \
+            or (current != self._reported_current and state != "running")
+        if not force and not changed and now - self._reported_at < self.config.housekeeping_s:
             return
-        self._reported_state, self._reported_at = state, now
+        self._reported_state, self._reported_current = state, current
+        self._reported_at = now
         try:
             self.registry.heartbeat_worker(self.info)
         except Exception:
             log.exception("could not record this worker's heartbeat")
+
+    def _loaded(self, model: str, seconds: float | None, error: str | None) -> None:
+        loads, errors = dict(self.info.load_s), dict(self.info.load_errors)
+        loads.pop(model, None)
+        errors.pop(model, None)
+        if error is not None:
+            errors[model] = error
+        else:
+            loads[model] = round(seconds or 0.0, 3)
+        self.info = dataclasses.replace(self.info, load_s=loads, load_errors=errors)
 
     def _count_done(self) -> None:
         self.info = dataclasses.replace(self.info, chunks_done=self.info.chunks_done + 1)

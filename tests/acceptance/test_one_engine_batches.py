@@ -65,27 +65,29 @@ def _completed(batch: Any) -> int:
 def test_repeated_sigkills_leave_no_error_lines(db: Database, tmp_path: Path,
                                                 workers_dir: Path, server_factory: Any,
                                                 client_of: Any) -> None:
-    """Three workers, one SIGKILLed and replaced about every second until the batch
-    ends: every line is answered exactly once, none in the error file."""
+    """Three workers, one SIGKILLed and replaced each time more lines are done (8 times at
+    most): every line is answered exactly once, none in the error file. The kills follow
+    the progress, not the clock, so they land while work is under way on any machine, and
+    a slow one still finishes."""
     config = write_config(tmp_path / "config.yaml", [echo("echo-slow", 5)])
     server = serve(server_factory, db, config, "--workers", "0")
     workers = Workers(server, db, workers_dir)
     workers.start(3)
     rng = random.Random(10)
-    n, kills = 2000, 0
-    next_kill = time.monotonic() + 1.0
+    n, kills, seen, max_kills = 2000, 0, 0, 8
 
-    def kill_now_and_then() -> None:
-        nonlocal kills, next_kill
-        if time.monotonic() >= next_kill:
+    def kill_after_progress() -> None:
+        nonlocal kills, seen
+        completed = _completed(client.batches.retrieve(batch.id))
+        if kills < max_kills and completed > seen:
             workers.kill(rng.randrange(3))
             kills += 1
-            next_kill = time.monotonic() + rng.uniform(0.7, 1.3)
+            seen = completed
 
     try:
         client = client_of(server)
         batch = _create(client, chat_file(n, model="echo-slow"))
-        done = wait_batch(client, batch.id, 60, between=kill_now_and_then)
+        done = wait_batch(client, batch.id, 300, between=kill_after_progress)
         out = custom_ids(file_lines(client, done.output_file_id))
         errors = file_lines(client, done.error_file_id)
     finally:
@@ -144,7 +146,8 @@ def test_deleting_the_input_right_after_create_always_ends(db: Database, tmp_pat
                                                            server_factory: Any,
                                                            client_of: Any) -> None:
     """Upload, create, delete the input file at once (or a moment later): every batch
-    ends within 30 s, and nothing loops on errors. The batch pinned its input when it was
+    ends (a deadline of minutes: ten batches of 50 lines take seconds), and nothing loops
+    on errors. The batch pinned its input when it was
     created, so it runs to the end: a client cleaning up takes nothing away from it."""
     config = write_config(tmp_path / "config.yaml", [echo("echo-slow", 2)])
     # The server's own workers, so their tracebacks land in the server's log.
@@ -152,19 +155,19 @@ def test_deleting_the_input_right_after_create_always_ends(db: Database, tmp_pat
                    "--lease-seconds", str(LEASE_S))
     client = client_of(server)
     rng = random.Random(3)
-    created: list[tuple[str, float]] = []
+    created: list[tuple[str, int]] = []
     for round_ in range(10):
         upload = client.files.create(file=("in.jsonl", chat_file(50, model="echo-slow")),
                                      purpose="batch")
         batch = client.batches.create(input_file_id=upload.id,
                                       endpoint="/v1/chat/completions", completion_window="24h")
-        created.append((batch.id, time.monotonic()))
+        created.append((batch.id, round_))
         if round_ % 2:
             time.sleep(rng.uniform(0.0, 0.4))
         client.files.delete(upload.id)
     ended = {}
-    for batch_id, at in created:
-        ended[batch_id] = wait_batch(client, batch_id, max(1.0, at + 30 - time.monotonic()))
+    for batch_id, _ in created:
+        ended[batch_id] = wait_batch(client, batch_id, 180)
     for batch in ended.values():
         assert batch.status == "completed", (batch.id, batch.status, batch.errors)
         assert batch.request_counts.completed == 50

@@ -116,12 +116,11 @@ def test_whole_flow(client: OpenAI) -> None:
     assert output_file.purpose == "batch_output"
     assert output_file.filename == f"batch_{batch.id}_output.jsonl"
     # The batch's usage is the sum of its lines' (the failed line used nothing).
-    usage = client.batches.retrieve(batch.id).usage
-    assert usage is not None
+    usage = client.batches.retrieve(batch.id).to_dict()["usage"]  # openai 1.x: no Batch.usage
     lines_usage = [x["response"]["body"]["usage"] for x in out]
-    assert usage.input_tokens == sum(u["prompt_tokens"] for u in lines_usage) > 0
-    assert usage.output_tokens == sum(u["completion_tokens"] for u in lines_usage) > 0
-    assert usage.total_tokens == sum(u["total_tokens"] for u in lines_usage)
+    assert usage["input_tokens"] == sum(u["prompt_tokens"] for u in lines_usage) > 0
+    assert usage["output_tokens"] == sum(u["completion_tokens"] for u in lines_usage) > 0
+    assert usage["total_tokens"] == sum(u["total_tokens"] for u in lines_usage)
 
 
 def test_raw_bytes_upload_and_expires_after(client: OpenAI) -> None:

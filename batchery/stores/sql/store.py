@@ -643,7 +643,8 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, S
     def heartbeat_worker(self, info: WorkerInfo) -> None:
         values = {"host": info.host, "pid": info.pid, "state": info.state,
                   "started_at": info.started_at, "last_heartbeat": info.last_heartbeat,
-                  "current": info.current, "chunks_done": info.chunks_done}
+                  "current": info.current, "chunks_done": info.chunks_done,
+                  "load_s": info.load_s or None, "load_errors": info.load_errors or None}
         with self.engine.begin() as conn:
             updated = conn.execute(workers.update().where(workers.c.id == info.id)
                                    .values(**values))
@@ -662,7 +663,8 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, S
     def list_workers(self) -> list[WorkerInfo]:
         with self.engine.begin() as conn:
             rows = conn.execute(workers.select().order_by(workers.c.started_at)).mappings()
-            return [WorkerInfo(**dict(r)) for r in rows]
+            return [WorkerInfo(**{**dict(r), "load_s": r["load_s"] or {},
+                                  "load_errors": r["load_errors"] or {}}) for r in rows]
 
 
 def _started_status() -> sa.ColumnElement[Any]:

@@ -138,6 +138,9 @@ workers = sa.Table(
     sa.Column("last_heartbeat", sa.Float, nullable=False),
     sa.Column("current", sa.String(128), nullable=True),
     sa.Column("chunks_done", sa.Integer, nullable=False, server_default="0"),
+    #: The models the worker loaded when it started: name -> seconds, and name -> why not.
+    sa.Column("load_s", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("load_errors", sa.JSON(none_as_null=True), nullable=True),
 )
 
 #: The `batchery serve` processes that publish a config file: one row per server identity.

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -124,3 +125,45 @@ class Recorder:
     def assert_never_contains(self, secret: str) -> None:
         assert self.bodies
         assert not any(secret.encode() in body for body in self.bodies)
+
+
+# -- processes, read from /proc ------------------------------------------------------------
+
+def _parent_and_state(entry: Path) -> tuple[int, str] | None:
+    """(ppid, state) of the process whose /proc folder is `entry`; None once it is gone.
+    The command name may hold spaces and parentheses: the fields follow the last ')'."""
+    try:
+        fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), fields[0]
+
+
+def process_tree() -> dict[int, list[int]]:
+    """parent pid -> the pids of its children, for every process now running."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (found := _parent_and_state(entry)) is not None:
+            tree.setdefault(found[0], []).append(int(entry.name))
+    return tree
+
+
+def children(pid: int) -> set[int]:
+    """The pids of the processes whose parent is `pid`."""
+    return set(process_tree().get(pid, []))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`."""
+    tree, found, todo = process_tree(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has exited)."""
+    found = _parent_and_state(Path("/proc") / str(pid))
+    return found is not None and found[1] != "Z"

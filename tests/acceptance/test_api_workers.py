@@ -20,31 +20,7 @@ from openai import OpenAI
 
 from batchery.stores.sql.store import SqlStore
 from tests.conftest import Server, start_server
-from tests.helpers import chat_file, eventually
-
-
-def _children(pid: int) -> set[int]:
-    """The pids of the processes whose parent is `pid` (from /proc)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.add(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+from tests.helpers import alive, chat_file, children, eventually
 
 
 def _answering_pids(server: Server, want: int, timeout_s: float = 60.0) -> set[int]:
@@ -60,9 +36,9 @@ def _answering_pids(server: Server, want: int, timeout_s: float = 60.0) -> set[i
 
 def _wait_until_gone(pids: set[int], timeout_s: float = 60.0) -> set[int]:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
-    return {p for p in pids if _alive(p)}
+    return {p for p in pids if alive(p)}
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
@@ -75,7 +51,7 @@ def test_two_api_processes_answer_and_die_with_the_server(tmp_path: Path) -> Non
         # The other one is a child of the server, and serves the whole API: a batch created
         # through any process runs, and any process reads it.
         api_children = pids - {server.process.pid}
-        assert api_children <= _children(server.process.pid)
+        assert api_children <= children(server.process.pid)
         client = OpenAI(base_url=server.v1, api_key="anything", max_retries=0)
         upload = client.files.create(file=("in.jsonl", b"".join(
             b'{"custom_id": "r%d", "method": "POST", "url": "/v1/chat/completions", '
@@ -89,7 +65,7 @@ def test_two_api_processes_answer_and_die_with_the_server(tmp_path: Path) -> Non
             batch = client.batches.retrieve(batch.id)
         assert batch.status == "completed"
         assert batch.request_counts is not None and batch.request_counts.completed == 20
-        everyone = _children(server.process.pid)  # API process and batch worker
+        everyone = children(server.process.pid)  # API process and batch worker
         assert api_children <= everyone and len(everyone) >= 2
         # Killed outright, the server cannot stop its children itself: they stop anyway.
         os.kill(server.process.pid, signal.SIGKILL)
@@ -114,9 +90,9 @@ def test_an_api_process_that_dies_is_replaced(tmp_path: Path) -> None:
                 break
         assert len(again) == 2, server.log()
         # Stopped cleanly, the server takes its API processes with it.
-        children = _children(server.process.pid)
+        below = children(server.process.pid)
         server.stop()
-        assert _wait_until_gone(children) == set(), server.log()
+        assert _wait_until_gone(below) == set(), server.log()
     finally:
         server.stop()
 

@@ -33,7 +33,7 @@ from openai.types.webhooks import BatchCompletedWebhookEvent, WebhookEndpointWit
 from batchery.security.auth import add_key
 from tests.acceptance.jobs_support import deployment
 from tests.conftest import Server, free_port, start_server
-from tests.helpers import chat_file, eventually
+from tests.helpers import alive, chat_file, descendants, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Short backoff and polling, through the documented settings.
@@ -489,34 +489,6 @@ def test_the_docs_receiver_verifies_deliveries(shared: Shared, tmp_path: Path) -
 
 # -- crash safety -----------------------------------------------------------------------------
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid`, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.slow
 def test_an_event_survives_sigkill_of_every_process_between_commit_and_delivery(
         tmp_path: Path, receiver: Receiver) -> None:
@@ -535,13 +507,13 @@ def test_an_event_survives_sigkill_of_every_process_between_commit_and_delivery(
             batch = run_batch(client)
         time.sleep(1.0)
         assert receiver.at("/crash") == []
-        victims = [server.process.pid, *_descendants(server.process.pid)]
+        victims = [server.process.pid, *descendants(server.process.pid)]
         assert len(victims) >= 2, "the server and its worker"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         server.process.wait(10)
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in victims):
+        while any(alive(pid) for pid in victims):
             assert time.monotonic() < deadline, "a Batchery process outlived SIGKILL"
             time.sleep(0.05)
     finally:

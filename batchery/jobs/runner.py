@@ -364,6 +364,8 @@ class JobRunner:
             self.joblog.write(lease.job.id, "WARNING",
                               f"batch {spec.index}: its workers stopped {lease.expiries} times "
                               f"in a row; split it in two to find the item at fault")
+            # Now, not a moment later: the half this worker runs next may take it down.
+            self.joblog.flush()
 
     def _isolate(self, lease: BatchLease) -> None:
         """A single item that took its worker down every time becomes a dead letter alone."""
@@ -372,6 +374,7 @@ class JobRunner:
                  f"killed); it was set aside so that the rest of the job could run")
         self.store.fail_batch_attempt(lease, error, delay_s=0.0, dead=True)
         self.joblog.write(lease.job.id, "ERROR", f"batch {lease.spec.index}: {error}")
+        self.joblog.flush()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         # In a copy of *this* context: a Runner otherwise keeps the context it first ran

@@ -149,6 +149,29 @@ def kill_if(pid: int, still: Callable[[], bool]) -> bool:
     return False
 
 
+def kill_the_enqueuer_twice(peek: Peek, jobs: Jobs, job_id: str) -> None:
+    """SIGKILL the worker enqueuing the job twice, each time while it is still enqueuing
+    with more batches recorded than at the kill before."""
+    recorded: list[int] = []
+
+    def enqueuing_with_progress() -> bool:
+        if peek.status("jobs", job_id) != "enqueue":
+            return False
+        count = peek.batch_count(job_id)
+        if count <= (recorded[-1] if recorded else 0):
+            return False
+        recorded.append(count)
+        return True
+
+    def killed() -> bool:
+        pid = peek.holder("jobs", job_id, "enqueue")
+        return pid is not None and kill_if(pid, enqueuing_with_progress)
+
+    for _ in range(2):
+        until(killed, 60, "the enqueuer to be caught with batches recorded", every=0.02,
+              detail=lambda: jobs.logs(job_id)[-3000:])
+
+
 #: Builds a server (`--workers 0`), `n` workers, a client and a `Peek`: see `batch_site`.
 Build = Callable[..., tuple[Server, Workers, OpenAI, Peek]]
 
@@ -417,25 +440,7 @@ def test_sigkill_of_a_jobs_enqueuer(job_site: tuple[Server, Jobs, Peek], db: Dat
     server, jobs, peek = job_site
     n = 1_000_000
     job = jobs.submit("work", _file_input(tmp_path, n))
-    recorded: list[int] = []
-
-    def enqueuing_with_progress() -> bool:
-        """Still enqueuing, with more batches recorded than at the last kill."""
-        if peek.status("jobs", job["id"]) != "enqueue":
-            return False
-        count = peek.batch_count(job["id"])
-        if count <= (recorded[-1] if recorded else 0):
-            return False
-        recorded.append(count)
-        return True
-
-    for _ in range(2):
-        def killed() -> bool:
-            pid = peek.holder("jobs", job["id"], "enqueue")
-            return pid is not None and kill_if(pid, enqueuing_with_progress)
-
-        until(killed, 60, "the enqueuer to be caught with batches recorded", every=0.02,
-              detail=lambda: jobs.logs(job["id"])[-3000:])
+    kill_the_enqueuer_twice(peek, jobs, job["id"])
     done = _job_ended_whole(jobs, job, n)
     assert "resuming enqueuing after" in jobs.logs_with(job["id"], "resuming enqueuing after")
     _no_job_leftovers(server, db, done)

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.acceptance.engine_support import LEASE_S, Database, store_url, until
+from tests.acceptance.engine_support import LEASE_S, Database, store_url
 from tests.acceptance.jobs_support import Jobs, write_config
-from tests.acceptance.test_crash_phases import Peek, kill_if
+from tests.acceptance.test_crash_phases import Peek, kill_the_enqueuer_twice
 from tests.conftest import Server, start_server
 
 pytestmark = pytest.mark.slow
@@ -167,25 +167,8 @@ def test_an_enqueuer_killed_mid_way_resumes_and_every_row_runs_once(
     job = jobs.submit("typed", {"delimited_files": {"paths": [str(source)],
                                                     "batch_size": 1000}, "workers": 2})
     peek = Peek(store_url(server, Database("sqlite")))
-    recorded: list[int] = []
-
-    def enqueuing_with_progress() -> bool:
-        if peek.status("jobs", job["id"]) != "enqueue":
-            return False
-        count = peek.batch_count(job["id"])
-        if count <= (recorded[-1] if recorded else 0):
-            return False
-        recorded.append(count)
-        return True
-
     try:
-        for _ in range(2):
-            def killed() -> bool:
-                pid = peek.holder("jobs", job["id"], "enqueue")
-                return pid is not None and kill_if(pid, enqueuing_with_progress)
-
-            until(killed, 60, "the enqueuer to be caught with batches recorded", every=0.02,
-                  detail=lambda: jobs.logs(job["id"])[-3000:])
+        kill_the_enqueuer_twice(peek, jobs, job["id"])
     finally:
         peek.close()
     done = jobs.wait(job["id"], timeout=300)

@@ -26,7 +26,7 @@ import os
 import pickle
 import tempfile
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -328,6 +328,13 @@ class DuplicateFinder:
 
     def add(self, line: int, custom_id: str) -> None:
         self._by_hash.add(self._hash(custom_id), line)
+
+    def add_many(self, lines: Sequence[int], custom_ids: Sequence[str]) -> None:
+        """`add` for many requests at once, in line order: the same records, for less
+        work a request."""
+        hash_fn = self._hash
+        self._by_hash.add_block(np.array([hash_fn(c) for c in custom_ids], dtype=np.int64),
+                                np.array(lines, dtype=np.int64))
 
     def duplicates(self, *, limit: int, reread: Callable[[], Iterable[bytes]] | None = None,
                    key_of: Callable[[bytes], str] | None = None) -> Duplicates:

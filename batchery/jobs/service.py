@@ -268,9 +268,13 @@ class JobService:
         return job
 
     def view(self, project: str, job_id_: str) -> JobView:
-        job = self.get(project, job_id_)
-        return JobView(job=job, batch_states=self.store.batch_state_counts(job.id),
-                       worker_counts=_worker_counts(self.workers(project, job.id)))
+        # One read: this is what every poll of a job costs.
+        found = self.store.job_view(project, job_id_)
+        if found is None:
+            raise NotFound(f"No job found with id '{job_id_}'.")
+        job, counts, reports = found
+        return JobView(job=job, batch_states=counts,
+                       worker_counts=_worker_counts(self._workers(job, reports)))
 
     def list_jobs(self, project: str, *, endpoint: str | None = None, status: str | None = None,
              after: str | None = None, limit: int = 20) -> Page[Job]:
@@ -299,8 +303,13 @@ class JobService:
 
     def workers(self, project: str, job_id_: str) -> list[JobWorker]:
         job = self.get(project, job_id_)
+        return self._workers(job, self.store.list_job_workers(job.id))
+
+    def _workers(self, job: Job, reports: list[JobWorker]) -> list[JobWorker]:
+        """The workers' reports as a reader sees them (stalled ones called so), and the
+        pool's workers that do not run yet."""
         now = time.time()
-        found = [self._derived(w, now, job) for w in self.store.list_job_workers(job.id)]
+        found = [self._derived(w, now, job) for w in reports]
         if job.stage is JobStage.DONE:
             return found
         return found + [JobWorker(job_id=job.id, worker_id=name, host="", pid=0,

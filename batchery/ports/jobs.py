@@ -122,6 +122,12 @@ class JobRecords(Protocol):
     def batch_state_counts(self, job_id: str) -> dict[str, int]: ...
 
     @abstractmethod
+    def job_view(self, project: str | None, job_id: str
+                 ) -> tuple[Job, dict[str, int], list[JobWorker]] | None:
+        """The job, its batch state counts and its workers' reports, read together (one
+        consistent snapshot, the cost of one read): what a status poll shows."""
+
+    @abstractmethod
     def job_demand(self) -> dict[str, int]:
         """Per deployment (qualified name): how many workers its jobs could use now (a
         paused job's queued batches wait, so they count for nothing)."""

@@ -266,3 +266,23 @@ def test_logs_workers_and_listing(store: SqlStore) -> None:
     store.touch_job_workers("w", 5.0)
     (seen,) = store.list_job_workers(jobs[0].id)
     assert seen.last_heartbeat == 5.0 and seen.pid == 7
+
+
+def test_a_job_view_is_the_job_its_batch_counts_and_workers_in_one_read(
+        store: SqlStore) -> None:
+    job = enqueued(store, 3)
+    lease = store.claim_batch("w", LONG, None)
+    assert lease is not None
+    store.report_job_worker(JobWorker(job_id=job.id, worker_id="w", host="h", pid=1,
+                                      state=WorkerState.RUNNING, current_batch=0,
+                                      last_heartbeat=time.time()))
+    assert store.complete_batch(lease, out_key=None, duration_s=1)
+    found = store.job_view("p", job.id)
+    assert found is not None
+    seen, counts, workers = found
+    assert seen == store.get_job("p", job.id)
+    assert counts == store.batch_state_counts(job.id) == {"succeeded": 1, "queued": 2}
+    assert workers == store.list_job_workers(job.id) and [w.worker_id for w in workers] == ["w"]
+    # Scoped like get_job: another project's job, or none, is not found.
+    assert store.job_view("other", job.id) is None
+    assert store.job_view(None, "job_missing") is None

@@ -344,3 +344,14 @@ def test_moderation_parts_are_the_sdks() -> None:
 
     field = typing.cast(Any, request_schemas.SCHEMAS[MODERATIONS].fields["input"])
     assert _variants(field.items[1]) == _tags(parts.ModerationMultiModalInputParam, "type")
+
+
+@pytest.mark.parametrize(("endpoint", "body"),
+                         [*(p for p in VALID if p.values[0] in request_schemas.SCHEMAS),
+                          *(pytest.param(b[0], b[1], id=f"{b[0]}:{b[2]}:{b[3]}")
+                            for b in BAD)])
+def test_the_fast_answer_agrees_with_the_full_check(endpoint: str, body: Any) -> None:
+    """`valid` is what runs on every line; `check` only where `valid` says no. They must
+    never disagree: a wrong body passed as valid would reach a backend unchecked."""
+    schema = request_schemas.SCHEMAS[endpoint]
+    assert schema.valid(body) is (schema.check(body, "") is None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import orjson
 import pytest
 
 from batchery.batchapi import validation
@@ -161,3 +162,45 @@ def test_wrong_shapes_pass_validation_to_be_400_lines() -> None:
 
 
 USER = [{"role": "user", "content": "hi"}]
+
+
+_GOOD = {"custom_id": "a", "method": "POST", "url": ENDPOINT,
+         "body": {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}}
+
+
+def _variants() -> list[Any]:
+    """The good line, and each of its parts changed to something the full check judges."""
+    found: list[Any] = [_GOOD, [], "x", None, 3]
+    for key in ("custom_id", "method", "url", "body"):
+        for value in (None, "", 0, [], {}, "POST", "/chat/completions", "/v1/embeddings",
+                      "/v1/chat/completions/", "a"):
+            found.append({**_GOOD, key: value})
+        found.append({k: v for k, v in _GOOD.items() if k != key})
+    body = _GOOD["body"]
+    for key in ("model", "messages", "stream"):
+        for value in (None, True, False, "", "echo", "other", 1, []):
+            found.append({**_GOOD, "body": {**body, key: value}})
+        found.append({**_GOOD, "body": {k: v for k, v in body.items() if k != key}})
+    return found
+
+
+@pytest.mark.parametrize(("endpoint", "good"), [(ENDPOINT, True), ("/chat/completions", True),
+                                                ("/v1/embeddings", False)])
+def test_the_fast_path_never_passes_a_line_the_full_check_refuses(endpoint: str,
+                                                                  good: bool) -> None:
+    """Most lines are answered by one quick question; any doubt goes to `check_line`,
+    which alone decides. A line the quick question lets through must be one the full
+    check finds nothing wrong with, with the same custom_id."""
+    known = {"echo"}
+    passed = 0
+    for obj in _variants():
+        raw = orjson.dumps(obj) + b"\n"
+        fast = validation._FastPath(endpoint, known.__contains__, set())
+        custom_id, model, errors = validation.check_line(raw, 1, endpoint, known.__contains__)
+        quick = fast.custom_id(raw)
+        if quick is not None:
+            passed += 1
+            assert not errors and quick == custom_id and model is not None, obj
+        else:  # a quick no is fine only where the full check says no, or is unsure
+            assert errors or custom_id is None or obj is not _GOOD, obj
+    assert (passed > 0) is good  # (an embeddings batch has no line with an `input`)

@@ -221,6 +221,16 @@ class SqlJobStore(JobStore):
             return {state: int(n) for state, n in conn.execute(_BATCH_STATES,
                                                                {"p_job": job_id})}
 
+    def job_view(self, project: str | None, job_id: str
+                 ) -> tuple[Job, dict[str, int], list[JobWorker]] | None:
+        with self._read.begin() as conn:
+            job = _get_job(conn, project, job_id)
+            if job is None:
+                return None
+            counts = {state: int(n) for state, n in conn.execute(_BATCH_STATES,
+                                                                 {"p_job": job_id})}
+            return job, counts, _job_workers(conn, job_id)
+
     def job_demand(self) -> dict[str, int]:
         open_batches = (sa.select(job_batches.c.job_id, sa.func.count().label("n"))
                         .where(job_batches.c.state.in_(OPEN_BATCH_STATES))
@@ -528,15 +538,18 @@ class SqlJobStore(JobStore):
 
     def list_job_workers(self, job_id: str) -> list[JobWorker]:
         with self._read.begin() as conn:
-            return [JobWorker(job_id=r["job_id"], worker_id=r["worker_id"], host=r["host"],
-                              pid=r["pid"], state=WorkerState(r["state"]),
-                              current_batch=r["current_batch"],
-                              batches_done=r["batches_done"], started_at=r["started_at"],
-                              last_heartbeat=r["last_heartbeat"])
-                    for r in conn.execute(_JOB_WORKERS, {"p_job": job_id}).mappings()]
+            return _job_workers(conn, job_id)
 
 
 # -- helpers that run inside a transaction -------------------------------------------------
+
+def _job_workers(conn: Connection, job_id: str) -> list[JobWorker]:
+    return [JobWorker(job_id=r["job_id"], worker_id=r["worker_id"], host=r["host"],
+                      pid=r["pid"], state=WorkerState(r["state"]),
+                      current_batch=r["current_batch"], batches_done=r["batches_done"],
+                      started_at=r["started_at"], last_heartbeat=r["last_heartbeat"])
+            for r in conn.execute(_JOB_WORKERS, {"p_job": job_id}).mappings()]
+
 
 def _of_deployments(names: Collection[str] | None) -> sa.ColumnElement[bool]:
     if names is None:

@@ -60,6 +60,8 @@ class SqlJobStore(JobStore):
     _now: sa.ColumnElement[float]
     _job_phases: Leases
     _job_batches: Leases
+    #: `_pick_batch`'s candidate query, by the deployments a worker claims for.
+    _candidates: dict[tuple[str, ...] | None, sa.Select[Any]]
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -395,6 +397,23 @@ class SqlJobStore(JobStore):
         busy is passed over for this claim. Jobs without a limit never touch the job row.
         On SQLite transactions start with BEGIN IMMEDIATE, one writer at a time, so the
         first count already holds there."""
+        candidate = self._candidates.get(key := _deployments_key(deployments))
+        if candidate is None:
+            candidate = self._candidates[key] = self._candidate_query(deployments)
+        passed_over: list[str] = []
+        while True:
+            query = (candidate.where(job_batches.c.job_id.not_in(passed_over))
+                     if passed_over else candidate)
+            found = conn.execute(query).first()
+            if found is None:
+                return None
+            if found.workers is None or self._below_limit(conn, found.job_id, found.workers):
+                return int(found.id)
+            passed_over.append(found.job_id)
+
+    def _candidate_query(self, deployments: Collection[str] | None) -> sa.Select[Any]:
+        """The query for `_pick_batch`'s candidate: built once per set of deployments (a
+        worker always asks for the same), since building it costs more than running it."""
         other = job_batches.alias("other")
         in_flight = (sa.select(sa.func.count()).select_from(other)
                      .where(other.c.job_id == jobs.c.id,
@@ -411,16 +430,7 @@ class SqlJobStore(JobStore):
                      .order_by(jobs.c.priority.desc(), jobs.c.deadline.is_(None),
                                jobs.c.deadline, job_batches.c.id).limit(1)
                      .with_for_update(skip_locked=True, of=job_batches))
-        passed_over: list[str] = []
-        while True:
-            query = (candidate.where(job_batches.c.job_id.not_in(passed_over))
-                     if passed_over else candidate)
-            found = conn.execute(query).first()
-            if found is None:
-                return None
-            if found.workers is None or self._below_limit(conn, found.job_id, found.workers):
-                return int(found.id)
-            passed_over.append(found.job_id)
+        return candidate
 
     @staticmethod
     def _below_limit(conn: Connection, job_id: str, workers: int) -> bool:
@@ -539,6 +549,10 @@ class SqlJobStore(JobStore):
     def list_job_workers(self, job_id: str) -> list[JobWorker]:
         with self._read.begin() as conn:
             return _job_workers(conn, job_id)
+
+
+def _deployments_key(names: Collection[str] | None) -> tuple[str, ...] | None:
+    return None if names is None else tuple(sorted(names))
 
 
 # -- helpers that run inside a transaction -------------------------------------------------

@@ -70,6 +70,7 @@ class SqlStore(SqlLogStore, SqlJobStore, SqlWebhookStore, SqlIdempotencyStore, S
         self._job_batches = Leases(job_batches, key="id", now=self._now, state="state",
                                    queued=BatchState.QUEUED.value,
                                    leased=BatchState.LEASED.value)
+        self._candidates: dict[tuple[str, ...] | None, sa.Select[Any]] = {}
         self._prepare_chunk_statements()
         if run_migrations:
             migrate.upgrade(engine)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from batchery.model.exceptions import ConfigError
 from batchery.ports.backend import ModelBackend, Reply, Request, error_reply
 
 ENDPOINT = "/v1/embeddings"
+T = TypeVar("T")
 Vectors = np.ndarray[Any, np.dtype[np.float32]]
 
 
@@ -47,6 +49,9 @@ class SentenceTransformersBackend(ModelBackend):
     endpoints = frozenset({ENDPOINT})
     #: Loaded when a worker starts (a deployment's `preload` option overrides it).
     preloads = True
+    #: A chunk's lines in one call: their texts are sorted by length across the chunk,
+    #: so that each pass pads little (slices of 16 random texts padded them to double).
+    max_lines_per_call = 4096
 
     def __init__(self, *, model: str, device: str = "cpu", max_batch_size: int = 32,
                  normalize: bool = True, num_threads: int | None = None,
@@ -63,10 +68,21 @@ class SentenceTransformersBackend(ModelBackend):
         self.allow_download = allow_download
         self._model: Any = None
         self._dim = 0
+        #: The one thread that loads the model and runs every forward pass. torch's
+        #: thread count (`set_num_threads`) also sets OpenMP's for the thread that calls
+        #: it only: a pass run from another thread would use every core, side by side with
+        #: the other workers' (and spin). One thread also means one pass at a time: a
+        #: chunk's slices call at once, and their passes take turns.
+        self._thread: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
         if self._model is None:
-            self._model = await asyncio.to_thread(self._load)
+            self._model = await self._in_thread(self._load)
+
+    async def _in_thread(self, call: Callable[..., T], *args: Any) -> T:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
 
     def _load(self) -> Any:
         # Lazy imports: torch takes seconds to import, and only workers that serve this
@@ -88,6 +104,9 @@ class SentenceTransformersBackend(ModelBackend):
 
     async def aclose(self) -> None:
         self._model = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)
+            self._thread = None
 
     async def infer(self, endpoint: str, requests: Sequence[Request]) -> list[Reply]:
         if endpoint != ENDPOINT:
@@ -116,18 +135,24 @@ class SentenceTransformersBackend(ModelBackend):
         tokens = np.zeros(len(texts), dtype=np.int64)
         for start in range(0, len(order), self.max_batch_size):
             rows = order[start:start + self.max_batch_size]
-            vectors[rows], tokens[rows] = await asyncio.to_thread(
+            vectors[rows], tokens[rows] = await self._in_thread(
                 self._encode, [texts[i] for i in rows])
         return vectors, tokens
 
     def _encode(self, texts: list[str]) -> tuple[Vectors, list[int]]:
+        """One forward pass; the texts are tokenized once, for the model and for usage
+        (the tokens the model read: special tokens in, past its length limit out)."""
+        import torch
+
         model = self._model
-        vectors = model.encode(texts, batch_size=len(texts), convert_to_numpy=True,
-                               normalize_embeddings=self.normalize, show_progress_bar=False)
-        # Usage counts the tokens the model read: special tokens in, past its limit out.
-        ids = model.tokenizer(texts, truncation=True,
-                              max_length=model.get_max_seq_length())["input_ids"]
-        return vectors, [len(x) for x in ids]
+        features = {name: value.to(model.device) if hasattr(value, "to") else value
+                    for name, value in model.tokenize(texts).items()}
+        with torch.inference_mode():
+            found = model(features)["sentence_embedding"]
+            if self.normalize:
+                found = torch.nn.functional.normalize(found, p=2, dim=1)
+            tokens = features["attention_mask"].sum(dim=1)
+        return found.float().cpu().numpy(), tokens.tolist()
 
     def _reply(self, model: Any, job: _Job, vectors: Vectors, tokens: int) -> Reply:
         if job.dimensions is not None and job.dimensions < vectors.shape[1]:

@@ -200,12 +200,21 @@ async def run_chunk(lines: Sequence[bytes], endpoint: str, lookup: BackendLookup
         # A slice that raises cancels the others: the chunk is handed back as a whole.
         async with asyncio.TaskGroup() as group:
             for model, (at, requests) in groups.items():
-                for i in range(0, len(requests), size):
-                    group.create_task(run_slice(model, at[i:i + size],
-                                                requests[i:i + size]))
+                step = await _slice_size(lookup, model, len(requests), size)
+                for i in range(0, len(requests), step):
+                    group.create_task(run_slice(model, at[i:i + step],
+                                                requests[i:i + step]))
     except BaseExceptionGroup as failed:
         raise failed.exceptions[0] from None
     return output
+
+
+async def _slice_size(lookup: BackendLookup, model: str, n: int, size: int) -> int:
+    """Lines per call for `model`: `size`, unless its backend takes whole chunks."""
+    backend = await lookup(model) if n > size else None
+    if backend is not None and backend.max_lines_per_call is not None:
+        return max(1, backend.max_lines_per_call)
+    return size
 
 
 async def _run_group(model: str, requests: list[Request], endpoint: str,

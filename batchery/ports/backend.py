@@ -64,6 +64,11 @@ class ModelBackend(ABC):
     #: Its deployments can run native jobs (a pool of workers per deployment), not only
     #: batch lines.
     serves_jobs: ClassVar[bool] = False
+    #: The most lines of a chunk handed to `infer` in one call; None: the engine's own
+    #: slicing (a chunk in several concurrent slices, committed as each ends). A model
+    #: that batches its inputs by length (an embedding model) sets it high: it sorts a
+    #: whole chunk's inputs by length, where slices would pad short inputs to long ones.
+    max_lines_per_call: ClassVar[int | None] = None
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any], where: str,

@@ -40,6 +40,7 @@ from typing import Any
 import orjson
 
 from batchery.backends.echo import answer
+from batchery.model.batches import DEFAULT_CHUNK_SIZE
 from batchery.queue.worker import WorkerConfig
 from batchery.runtime import Runtime, open_runtime
 from batchery.security.trust import OPEN_PRINCIPAL
@@ -139,7 +140,7 @@ def worker_run(data: bytes, chunk_size: int, *, store: bool = False, freeze: boo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--lines", type=int, default=200_000)
-    parser.add_argument("--chunk-size", type=int, default=1000)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--store", action="store_true", help="CPU per store call")
     parser.add_argument("--no-freeze", action="store_true",

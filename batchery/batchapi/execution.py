@@ -166,6 +166,7 @@ async def run_chunk(lines: Sequence[bytes], endpoint: str, lookup: BackendLookup
     # Checked once here for every backend: a body of the wrong shape never reaches one.
     # (The schema is looked up once per chunk, not once per line.)
     schema = request_schemas.SCHEMAS.get(canonical_endpoint(target))
+    valid = schema.fast() if schema is not None else None
     #: model -> (offsets, requests), kept side by side.
     groups: dict[str, tuple[list[int], list[Request]]] = {}
     loads = orjson.loads
@@ -179,7 +180,7 @@ async def run_chunk(lines: Sequence[bytes], endpoint: str, lookup: BackendLookup
                 output.add(obj["custom_id"], error_reply(400, str(exc)), body.get("model"),
                            offset)
                 continue
-        if schema is not None and not schema.valid(body):
+        if valid is not None and schema is not None and not valid(body):
             # Only a wrong body pays for the walk that finds its words.
             problem = schema.check(body, "")
             if problem is not None:

@@ -21,7 +21,7 @@ MAX_WINDOW_S = 30 * 86400
 #: not grow with the batch, so we allow far more.
 DEFAULT_MAX_TASKS = 10_000_000
 #: Requests per chunk unless configured otherwise.
-DEFAULT_CHUNK_SIZE = 1000
+DEFAULT_CHUNK_SIZE = 2000
 #: How many line errors a failed validation reports at most.
 MAX_REPORTED_ERRORS = 100
 

@@ -68,11 +68,9 @@ class SentenceTransformersBackend(ModelBackend):
         self.allow_download = allow_download
         self._model: Any = None
         self._dim = 0
-        #: The one thread that loads the model and runs every forward pass. torch's
-        #: thread count (`set_num_threads`) also sets OpenMP's for the thread that calls
-        #: it only: a pass run from another thread would use every core, side by side with
-        #: the other workers' (and spin). One thread also means one pass at a time: a
-        #: chunk's slices call at once, and their passes take turns.
+        #: The one thread that loads the model and runs every forward pass: passes take
+        #: turns (a chunk's lines may come in concurrent calls), and each runs in the
+        #: thread that set torch's thread count.
         self._thread: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:

@@ -10,6 +10,7 @@ import pytest
 from batchery.model.deployments import API, Deployment, Endpoint
 from batchery.model.exceptions import Conflict, NotFound
 from batchery.model.jobs import (
+    BatchLease,
     BatchSpec,
     BatchState,
     InputKind,
@@ -146,13 +147,20 @@ def test_retry_delay_is_honoured(store: SqlStore) -> None:
     assert again.job.id == lease.job.id
 
 
-def test_expired_leases_are_reaped_and_their_workers_marked_failed(store: SqlStore) -> None:
-    job = enqueued(store, 1)
-    lease = store.claim_batch("dead-worker", SHORT, None)
+def running(store: SqlStore, n_batches: int, owner: str, lease_s: float
+            ) -> tuple[Job, BatchLease]:
+    """A job of `n_batches`, its first batch leased by `owner`, who reports it running."""
+    job = enqueued(store, n_batches)
+    lease = store.claim_batch(owner, lease_s, None)
     assert lease is not None
-    store.report_job_worker(JobWorker(job_id=job.id, worker_id="dead-worker", host="h", pid=1,
+    store.report_job_worker(JobWorker(job_id=job.id, worker_id=owner, host="h", pid=1,
                                       state=WorkerState.RUNNING, current_batch=0,
                                       last_heartbeat=time.time()))
+    return job, lease
+
+
+def test_expired_leases_are_reaped_and_their_workers_marked_failed(store: SqlStore) -> None:
+    job, lease = running(store, 1, "dead-worker", SHORT)
     time.sleep(SHORT_WAIT)
     (reaped,) = store.reap_expired_batches()
     assert reaped.owner == "dead-worker" and not reaped.dropped
@@ -270,12 +278,7 @@ def test_logs_workers_and_listing(store: SqlStore) -> None:
 
 def test_a_job_view_is_the_job_its_batch_counts_and_workers_in_one_read(
         store: SqlStore) -> None:
-    job = enqueued(store, 3)
-    lease = store.claim_batch("w", LONG, None)
-    assert lease is not None
-    store.report_job_worker(JobWorker(job_id=job.id, worker_id="w", host="h", pid=1,
-                                      state=WorkerState.RUNNING, current_batch=0,
-                                      last_heartbeat=time.time()))
+    job, lease = running(store, 3, "w", LONG)
     assert store.complete_batch(lease, out_key=None, duration_s=1)
     found = store.job_view("p", job.id)
     assert found is not None

@@ -220,8 +220,7 @@ class SqlJobStore(JobStore):
 
     def batch_state_counts(self, job_id: str) -> dict[str, int]:
         with self._read.begin() as conn:
-            return {state: int(n) for state, n in conn.execute(_BATCH_STATES,
-                                                               {"p_job": job_id})}
+            return _batch_states(conn, job_id)
 
     def job_view(self, project: str | None, job_id: str
                  ) -> tuple[Job, dict[str, int], list[JobWorker]] | None:
@@ -229,9 +228,7 @@ class SqlJobStore(JobStore):
             job = _get_job(conn, project, job_id)
             if job is None:
                 return None
-            counts = {state: int(n) for state, n in conn.execute(_BATCH_STATES,
-                                                                 {"p_job": job_id})}
-            return job, counts, _job_workers(conn, job_id)
+            return job, _batch_states(conn, job_id), _job_workers(conn, job_id)
 
     def job_demand(self) -> dict[str, int]:
         open_batches = (sa.select(job_batches.c.job_id, sa.func.count().label("n"))
@@ -556,6 +553,10 @@ def _deployments_key(names: Collection[str] | None) -> tuple[str, ...] | None:
 
 
 # -- helpers that run inside a transaction -------------------------------------------------
+
+def _batch_states(conn: Connection, job_id: str) -> dict[str, int]:
+    return {state: int(n) for state, n in conn.execute(_BATCH_STATES, {"p_job": job_id})}
+
 
 def _job_workers(conn: Connection, job_id: str) -> list[JobWorker]:
     return [JobWorker(job_id=r["job_id"], worker_id=r["worker_id"], host=r["host"],
